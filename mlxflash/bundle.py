@@ -1,0 +1,424 @@
+"""The flash bundle, format v1: writer, reader and validation.
+
+A bundle is a directory:
+
+    config.json            the model's Hugging Face config, plus "quantization" (mlx-lm's key, for the
+                           resident weights) and a "flash" section (below)
+    tokenizer.json, tokenizer_config.json, ...   the tokenizer, loadable by mlx-lm / transformers
+    resident.safetensors   everything that stays in DRAM: embeddings, attention, norms, LM head,
+                           the down projection's group scales (quantized bundles) and predictors
+    ffn.bin                the FFN: one block per layer of fixed-size neuron records
+
+FFN records. Neuron i of layer l is one contiguous record, ``[gate_i | up_i | down_i]`` for a gated FFN
+(SwiGLU) or ``[up_i | down_i]`` (plus ``up.bias``) for a plain one. ``gate_i`` and ``up_i`` are row i of
+the gate and up projections (length d = hidden size); ``down_i`` is column i of the down projection,
+the d weights that neuron i's activation is multiplied into. Records are in neuron order; each layer's
+block starts on a 16 KiB boundary (the SSD page) so direct I/O can read any run of records.
+
+Float bundles store each part in ``flash.dtype``. Quantized bundles use MLX's affine quantization:
+``gate.weight``/``up.weight`` are the packed uint32 codes of the row with its ``scales`` and ``biases``
+(groups along d) inside the record, so a cache row feeds ``mx.quantized_matmul`` directly.
+The down projection of every quantized source we read (GGUF, mlx-lm, ``--bits``) is grouped along the
+neuron axis; a neuron's column therefore holds its codes only (``down.weight``, packed along d, no
+second rounding), while the group scales and biases, shared by ``group_size`` neurons and small
+(1/8 of the codes at 4 bits), stay resident as ``model.layers.L.mlp.down_scales`` / ``down_biases``.
+
+The ``flash`` section of config.json::
+
+    format_version   1
+    dtype            float dtype of float weights and of quantization scales
+    gated, activation, hidden_size, intermediate_size
+    quantization     null, or {"gate"|"up"|"down": {"bits", "group_size"}}
+    record           {"bytes": R, "fields": [{"name", "dtype", "count", "offset"}, ...]}
+    alignment        16384
+    layers           [{"offset", "neurons", "sha256"}, ...]   one block per layer in ffn.bin
+    files            {"ffn.bin": {"bytes"}, "resident.safetensors": {"bytes", "sha256"}}
+    selector         how flash mode picks neurons (written by train_predictors), optional
+
+Loading checks the version, the presence and size of every file and (unless told not to) every
+checksum, and refuses a bundle that fails with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import BundleError, ConvertError
+
+FORMAT_VERSION = 1
+ALIGNMENT = 16 * 1024
+CONFIG_FILE = "config.json"
+RESIDENT_FILE = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_ITEMSIZE = {"uint8": 1, "uint16": 2, "uint32": 4, "float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def mx_dtype(name: str) -> mx.Dtype:
+    return getattr(mx, name)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def to_numpy_bytes(a: mx.array) -> np.ndarray:
+    """The raw bits of an MLX array as numpy (bfloat16 travels as uint16)."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.asarray(a)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = os.path.getsize(path) - start if length is None else length
+        while left > 0:
+            chunk = f.read(min(left, 8 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+        _drop_page_cache(f.fileno())
+    return h.hexdigest()
+
+
+def _drop_page_cache(fd: int) -> None:
+    # Hashing must not leave the FFN in the page cache, or later "disk" reads would be memory reads.
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    dtype: str
+    count: int
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * _ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """The fixed byte layout of one neuron record."""
+
+    fields: tuple[Field, ...]
+    nbytes: int
+
+    @classmethod
+    def build(cls, parts: Iterable[tuple[str, str, int]]) -> RecordLayout:
+        fields, offset = [], 0
+        for name, dtype, count in parts:
+            offset = round_up(offset, _ITEMSIZE[dtype])
+            fields.append(Field(name, dtype, count, offset))
+            offset += count * _ITEMSIZE[dtype]
+        return cls(tuple(fields), round_up(offset, 16))
+
+    def __getitem__(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def pack(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-field arrays of shape (n, count) -> records (n, nbytes) uint8."""
+        n = next(iter(parts.values())).shape[0]
+        out = np.zeros((n, self.nbytes), dtype=np.uint8)
+        for f in self.fields:
+            a = np.ascontiguousarray(parts[f.name])
+            if a.shape != (n, f.count) or a.dtype.itemsize != _ITEMSIZE[f.dtype]:
+                raise ConvertError(
+                    f"record field {f.name}: expected ({n}, {f.count}) of {f.dtype}, "
+                    f"found {a.shape} of {a.dtype}"
+                )
+            out[:, f.offset : f.offset + f.nbytes] = a.view(np.uint8).reshape(n, f.nbytes)
+        return out
+
+    def view(self, records: mx.array, name: str) -> mx.array:
+        """One field of records (n, nbytes) uint8 as an (n, count) array of its dtype."""
+        f = self[name]
+        return records[:, f.offset : f.offset + f.nbytes].view(mx_dtype(f.dtype))
+
+    def to_json(self) -> dict:
+        return {"bytes": self.nbytes, "fields": [f.__dict__ for f in self.fields]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RecordLayout:
+        return cls(tuple(Field(**f) for f in d["fields"]), d["bytes"])
+
+
+@dataclass
+class LayerBlock:
+    offset: int
+    neurons: int
+    sha256: str = ""
+
+
+@dataclass
+class FFNSpec:
+    """The `flash` section of config.json: what ffn.bin holds and how."""
+
+    hidden_size: int
+    intermediate_size: int
+    gated: bool
+    activation: str
+    dtype: str
+    quantization: dict | None
+    record: RecordLayout
+    layers: list[LayerBlock] = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+    selector: dict | None = None
+    alignment: int = ALIGNMENT
+    format_version: int = FORMAT_VERSION
+
+    def block_bytes(self, layer: int) -> int:
+        return self.layers[layer].neurons * self.record.nbytes
+
+    @property
+    def ffn_bytes(self) -> int:
+        return sum(self.block_bytes(i) for i in range(len(self.layers)))
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "dtype": self.dtype,
+            "gated": self.gated,
+            "activation": self.activation,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "quantization": self.quantization,
+            "record": self.record.to_json(),
+            "alignment": self.alignment,
+            "layers": [b.__dict__ for b in self.layers],
+            "files": self.files,
+            "selector": self.selector,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> FFNSpec:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: unsupported flash format_version {version!r} "
+                f"(this mlxflash reads version {FORMAT_VERSION}); reconvert the model"
+            )
+        try:
+            return cls(
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                gated=d["gated"],
+                activation=d["activation"],
+                dtype=d["dtype"],
+                quantization=d["quantization"],
+                record=RecordLayout.from_json(d["record"]),
+                layers=[LayerBlock(**b) for b in d["layers"]],
+                files=d["files"],
+                selector=d.get("selector"),
+                alignment=d["alignment"],
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{where}: malformed flash section ({e!r} missing or wrong)") from e
+
+
+def record_parts(
+    hidden_size: int, gated: bool, dtype: str, quantization: dict | None, up_bias: bool = False
+) -> list[tuple[str, str, int]]:
+    """The fields of a neuron record for this FFN shape and storage."""
+    names = (["gate"] if gated else []) + ["up"]
+    parts: list[tuple[str, str, int]] = []
+    for name in names:
+        if quantization:
+            q = quantization[name]
+            parts += [
+                (f"{name}.weight", "uint32", hidden_size * q["bits"] // 32),
+                (f"{name}.scales", dtype, hidden_size // q["group_size"]),
+                (f"{name}.biases", dtype, hidden_size // q["group_size"]),
+            ]
+        else:
+            parts.append((f"{name}.weight", dtype, hidden_size))
+    if up_bias:
+        parts.append(("up.bias", dtype, 1))
+    if quantization:
+        parts.append(("down.weight", "uint32", hidden_size * quantization["down"]["bits"] // 32))
+    else:
+        parts.append(("down.weight", dtype, hidden_size))
+    return parts
+
+
+class Bundle:
+    """A validated flash bundle on disk (read-only)."""
+
+    def __init__(self, path: Path, config: dict, spec: FFNSpec):
+        self.path = path
+        self.config = config
+        self.spec = spec
+
+    @property
+    def ffn_path(self) -> Path:
+        return self.path / FFN_FILE
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.spec.layers)
+
+    def resident_weights(self) -> dict[str, mx.array]:
+        return mx.load(str(self.path / RESIDENT_FILE))
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.spec.files[RESIDENT_FILE]["bytes"]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
+        path = Path(path)
+        config_path = path / CONFIG_FILE
+        if not path.is_dir():
+            raise BundleError(f"{path}: no such bundle directory")
+        if not config_path.is_file():
+            raise BundleError(f"{config_path}: missing (not a flash bundle; convert with `mlxflash convert`)")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{config_path}: not valid JSON ({e})") from e
+        if "flash" not in config:
+            raise BundleError(f"{config_path}: no 'flash' section (not a flash bundle)")
+        spec = FFNSpec.from_json(config["flash"], str(config_path))
+        bundle = cls(path, config, spec)
+        bundle._check_files(verify)
+        return bundle
+
+    def _check_files(self, verify: bool) -> None:
+        for name, meta in self.spec.files.items():
+            p = self.path / name
+            if not p.is_file():
+                raise BundleError(f"{p}: missing from the bundle")
+            size = p.stat().st_size
+            if size != meta["bytes"]:
+                raise BundleError(f"{p}: truncated or altered: {size} bytes, expected {meta['bytes']}")
+        if FFN_FILE not in self.spec.files or RESIDENT_FILE not in self.spec.files:
+            raise BundleError(f"{self.path / CONFIG_FILE}: flash.files must list {FFN_FILE} and {RESIDENT_FILE}")
+        if not verify:
+            return
+        resident = self.spec.files[RESIDENT_FILE]
+        if sha256_file(self.path / RESIDENT_FILE) != resident["sha256"]:
+            raise BundleError(f"{self.path / RESIDENT_FILE}: checksum mismatch (corrupt bundle)")
+        for i, block in enumerate(self.spec.layers):
+            if sha256_file(self.ffn_path, block.offset, self.spec.block_bytes(i)) != block.sha256:
+                raise BundleError(f"{self.ffn_path}: checksum mismatch in layer {i}'s block (corrupt bundle)")
+
+
+class BundleWriter:
+    """Writes a bundle into a temporary sibling directory and renames it into place on `finish`.
+
+    Use as a context manager: on any error the temporary directory is removed, so a crash never
+    leaves a directory that looks like a bundle.
+    """
+
+    def __init__(self, out: str | os.PathLike, spec: FFNSpec):
+        self.out = Path(out)
+        if self.out.exists():
+            raise ConvertError(f"{self.out}: already exists; choose another output path or remove it first")
+        parent = self.out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
+        except OSError as e:
+            raise ConvertError(f"{parent}: cannot write the bundle here ({e.strerror})") from e
+        self.spec = spec
+        self._ffn = open(self.tmp / FFN_FILE, "wb")
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self._ffn.closed:
+            self._ffn.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_layer(self, parts: dict[str, np.ndarray]) -> None:
+        """Append one layer's FFN: per-field arrays (neurons, count), in record field order."""
+        records = self.spec.record.pack(parts)
+        offset = self._ffn.tell()
+        data = records.tobytes()
+        self._ffn.write(data)
+        self._ffn.write(b"\0" * (round_up(len(data), ALIGNMENT) - len(data)))
+        self.spec.layers.append(LayerBlock(offset, records.shape[0], hashlib.sha256(data).hexdigest()))
+
+    def finish(self, config: dict, resident: dict[str, mx.array], tokenizer_dir: Path | None) -> Path:
+        self._ffn.close()
+        mx.save_safetensors(str(self.tmp / RESIDENT_FILE), resident, metadata={"format": "mlx"})
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy(tokenizer_dir / name, self.tmp / name)
+        self.spec.files = {
+            FFN_FILE: {"bytes": (self.tmp / FFN_FILE).stat().st_size},
+            RESIDENT_FILE: {
+                "bytes": (self.tmp / RESIDENT_FILE).stat().st_size,
+                "sha256": sha256_file(self.tmp / RESIDENT_FILE),
+            },
+        }
+        config = {**config, "flash": self.spec.to_json()}
+        (self.tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if self.out.exists():
+            raise ConvertError(f"{self.out}: appeared while converting; not overwriting it")
+        os.rename(self.tmp, self.out)
+        return self.out
+
+
+def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: dict) -> None:
+    """Add tensors (predictors) to resident.safetensors and record `selector`, atomically.
+
+    Writes the new resident file and config beside the old ones and renames them into place;
+    the config (which carries the resident checksum) is renamed last.
+    """
+    weights = {**bundle.resident_weights(), **extra}
+    tmp_res = bundle.path / f".{RESIDENT_FILE}.tmp"
+    tmp_cfg = bundle.path / f".{CONFIG_FILE}.tmp"
+    try:
+        mx.save_safetensors(str(tmp_res), weights, metadata={"format": "mlx"})
+        spec = bundle.spec
+        spec.selector = selector
+        spec.files[RESIDENT_FILE] = {"bytes": tmp_res.stat().st_size, "sha256": sha256_file(tmp_res)}
+        tmp_cfg.write_text(json.dumps({**bundle.config, "flash": spec.to_json()}, indent=2) + "\n")
+        os.replace(tmp_res, bundle.path / RESIDENT_FILE)
+        os.replace(tmp_cfg, bundle.path / CONFIG_FILE)
+    finally:
+        tmp_res.unlink(missing_ok=True)
+        tmp_cfg.unlink(missing_ok=True)

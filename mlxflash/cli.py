@@ -1,0 +1,134 @@
+"""The `mlxflash` command: generate, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .errors import MlxflashError, UsageError
+from .model import MODES
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
+    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mode", choices=MODES, default="resident")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--threads", type=int, default=8, help="reads in flight")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
+    p.add_argument("--stats", action="store_true", help="print a per-token statistics summary to stderr")
+    p.add_argument("--stats-json", help="write the statistics as JSON to this path")
+    p.set_defaults(run=_generate)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="repack a GGUF file or a Hugging Face/mlx-lm directory into a flash bundle")
+    p.add_argument("source", help="a .gguf file or a model directory with config.json and safetensors")
+    p.add_argument("out", help="the bundle directory to create (must not exist)")
+    p.add_argument("--bits", type=int, choices=(4, 8), help="quantize a float source (MLX affine)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="dtype of float weights")
+    p.set_defaults(run=_convert)
+
+
+def _check_generate_args(args) -> None:
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if args.temp < 0:
+        raise UsageError(f"--temp {args.temp}: must be >= 0")
+    if not 0 <= args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p}: must be within [0, 1]")
+    if args.stats_json:
+        parent = os.path.dirname(os.path.abspath(args.stats_json))
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"--stats-json {args.stats_json}: directory {parent} is not writable")
+
+
+def _chat_prompt(tokenizer, args) -> str | list[int]:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.ignore_chat_template or tokenizer.chat_template is None:
+        return prompt
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def format_stats(s: dict) -> str:
+    mb = 1e6
+    return (
+        f"mode {s['mode']}: prompt {s['prompt_tokens']} tokens in {s['prefill_s']:.2f} s; "
+        f"{s['tokens']} decode tokens at {s['tokens_per_s']:.2f} tok/s ({s['ms_per_token']:.1f} ms/token: "
+        f"I/O {s['io_ms_per_token']:.1f}, memory {s['mem_ms_per_token']:.1f}, compute {s['compute_ms_per_token']:.1f})\n"
+        f"read {s['bytes_read_per_token'] / mb:.2f} MB/token of {s['ffn_bytes'] / mb:.2f} MB FFN; "
+        f"resident {s['resident_bytes'] / mb:.1f} MB; peak RSS {s['peak_rss_bytes'] / mb:.1f} MB; "
+        f"I/O: {s['io_note']}"
+    )
+
+
+def _generate(args) -> None:
+    from . import load
+    from .generate import stream_generate
+
+    _check_generate_args(args)
+    model, tokenizer = load(args.model, mode=args.mode, verify=not args.no_verify, threads=args.threads)
+    stats = None
+    try:
+        for r in stream_generate(
+            model, tokenizer, _chat_prompt(tokenizer, args), max_tokens=args.max_tokens,
+            temp=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        ):
+            print(r.text, end="", flush=True)
+            stats = r.stats
+        print()
+    finally:
+        model.flash.close()
+    if args.stats and stats:
+        print(format_stats(stats), file=sys.stderr)
+    if args.stats_json and stats:
+        with open(args.stats_json, "w") as f:
+            json.dump(stats, f, indent=2)
+
+
+def _convert(args) -> None:
+    from .convert import convert
+
+    out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size, dtype=args.dtype)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlxflash", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_convert(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except MlxflashError as e:
+        print(f"mlxflash: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"mlxflash: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line unless asked for the traceback
+        if os.environ.get("MLXFLASH_DEBUG"):
+            traceback.print_exc()
+        print(f"mlxflash: internal error: {type(e).__name__}: {e} (MLXFLASH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
