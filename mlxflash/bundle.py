@@ -46,9 +46,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -160,8 +160,7 @@ class RecordLayout:
             a = np.ascontiguousarray(parts[f.name])
             if a.shape != (n, f.count) or a.dtype.itemsize != _ITEMSIZE[f.dtype]:
                 raise ConvertError(
-                    f"record field {f.name}: expected ({n}, {f.count}) of {f.dtype}, "
-                    f"found {a.shape} of {a.dtype}"
+                    f"record field {f.name}: expected ({n}, {f.count}) of {f.dtype}, found {a.shape} of {a.dtype}"
                 )
             out[:, f.offset : f.offset + f.nbytes] = a.view(np.uint8).reshape(n, f.nbytes)
         return out

@@ -58,7 +58,9 @@ def _chat_prompt(tokenizer, args) -> str | list[int]:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.ignore_chat_template or tokenizer.chat_template is None:
         return prompt
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -83,8 +85,14 @@ def _generate(args) -> None:
     stats = None
     try:
         for r in stream_generate(
-            model, tokenizer, _chat_prompt(tokenizer, args), max_tokens=args.max_tokens,
-            temp=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            model,
+            tokenizer,
+            _chat_prompt(tokenizer, args),
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
         ):
             print(r.text, end="", flush=True)
             stats = r.stats
@@ -125,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line unless asked for the traceback
         if os.environ.get("MLXFLASH_DEBUG"):
             traceback.print_exc()
-        print(f"mlxflash: internal error: {type(e).__name__}: {e} (MLXFLASH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"mlxflash: internal error: {type(e).__name__}: {e} (MLXFLASH_DEBUG=1 shows the traceback)", file=sys.stderr
+        )
         return 2
     return 0
 

@@ -9,10 +9,12 @@ they come; float sources can be quantized (`bits`, MLX affine, as `mlx_lm.conver
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +91,9 @@ def _hf_source(path: Path) -> Source:
     for f in files:
         weights.update(mx.load(f))
     if "quantization_config" in config and "quantization" not in config:
-        raise ConvertError(f"{path}/config.json: quantization_config {config['quantization_config'].get('quant_method')!r} is not MLX's; use float or mlx-lm weights")
+        raise ConvertError(
+            f"{path}/config.json: quantization_config {config['quantization_config'].get('quant_method')!r} is not MLX's; use float or mlx-lm weights"
+        )
     return Source(path, config, weights, path)
 
 
@@ -145,24 +149,31 @@ def _ffn_tensors(weights: dict, layer: int, qcfg: dict | None, quantize: bool, d
     return out
 
 
-def _ffn_quantization(qcfg: dict | None, layers: int, quantized: bool) -> dict | None:
-    if not quantized:
+def _ffn_quantization(config: dict, t: dict) -> dict | None:
+    """{"gate"|"up"|"down": {bits, group_size}} from the shapes of a layer's quantized FFN tensors."""
+    if len(t["up_proj"]) != 3:
         return None
-    names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    first = {k: quant_params(qcfg, f"model.layers.0.mlp.{m}") for k, m in names.items()}
-    for layer in range(layers):
-        for k, m in names.items():
-            if quant_params(qcfg, f"model.layers.{layer}.mlp.{m}") != first[k]:
-                raise ConvertError(f"layer {layer} {m}: quantization differs from layer 0's; mixed FFN quantization is not supported")
-    return first
+    d, n = config["hidden_size"], ffn_width(config)
+    q = {}
+    for key, m, in_dim in (("gate", "gate_proj", d), ("up", "up_proj", d), ("down", "down_proj", n)):
+        if m in t:
+            w, scales = t[m][0], t[m][1]
+            q[key] = {"bits": w.shape[-1] * 32 // in_dim, "group_size": in_dim // scales.shape[-1]}
+    return q
 
 
-def _record_parts(t: dict, q: dict | None) -> tuple[dict[str, np.ndarray], mx.array | None]:
+def ffn_width(config: dict) -> int:
+    return config.get("intermediate_size") or config["ffn_dim"]
+
+
+def _record_parts(t: dict, q: dict | None) -> tuple[dict[str, np.ndarray], tuple | None]:
     """Per-neuron record fields, and the down projection's group scales/biases (resident)."""
     parts = {}
     for key, m in (("gate", "gate_proj"), ("up", "up_proj")):
-        for suffix, a in zip(("weight", "scales", "biases"), t[m]):
+        for suffix, a in zip(("weight", "scales", "biases"), t.get(m, ())):
             parts[f"{key}.{suffix}"] = a
+    if "up_bias" in t:
+        parts["up.bias"] = t["up_bias"].reshape(-1, 1)
     down = t["down_proj"]
     if q:
         parts["down.weight"] = transpose_packed(down[0], q["down"]["bits"])  # (n, d*bits/32)
@@ -170,6 +181,60 @@ def _record_parts(t: dict, q: dict | None) -> tuple[dict[str, np.ndarray], mx.ar
         parts["down.weight"] = down[0].T  # (n, d): column i is neuron i's output weights
     mx.eval(parts)
     return {k: to_numpy_bytes(v) for k, v in parts.items()}, (down[1:] if q else None)
+
+
+def write_bundle(
+    out: str | Path,
+    config: dict,
+    resident: dict[str, mx.array],
+    ffn_layers: Iterable[dict[str, tuple]],
+    selector: dict | None = None,
+    tokenizer_dir: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a bundle from resident tensors (runtime names) and per-layer FFN tensors.
+
+    Each layer is {"gate_proj": (w,), "up_proj": (w,), "down_proj": (w,)} in nn.Linear's convention
+    (gate/up (ffn, d), down (d, ffn)), or (w, scales, biases) when quantized; no "gate_proj" for a
+    plain FFN, and "up_bias" (ffn,) when it has one. The real converter and the synthetic-model tool
+    both come through here.
+    """
+    resident = dict(resident)
+    layers = iter(ffn_layers)
+    first = next(layers)
+    q = _ffn_quantization(config, first)
+    gated = "gate_proj" in first
+    scale_or_weight = first["up_proj"][1 if q else 0]
+    spec = FFNSpec(
+        hidden_size=config["hidden_size"],
+        intermediate_size=ffn_width(config),
+        gated=gated,
+        activation=config.get("hidden_act") or config.get("activation_function", "silu"),
+        dtype=dtype_name(scale_or_weight.dtype),
+        quantization=q,
+        record=RecordLayout.build(
+            record_parts(config["hidden_size"], gated, dtype_name(scale_or_weight.dtype), q, "up_bias" in first)
+        ),
+        selector=selector,
+    )
+    total = config["num_hidden_layers"]
+    with BundleWriter(out, spec) as writer:
+        bar = tqdm(total=total, desc="repack", unit="layer", disable=not progress)
+        for layer, t in enumerate(itertools.chain([first], layers)):
+            if _ffn_quantization(config, t) != q:
+                raise ConvertError(
+                    f"layer {layer}: FFN quantization differs from layer 0's; mixed FFN quantization is not supported"
+                )
+            parts, down_groups = _record_parts(t, q)
+            writer.add_layer(parts)
+            if down_groups is not None:
+                resident[f"model.layers.{layer}.mlp.down_scales"] = down_groups[0]
+                resident[f"model.layers.{layer}.mlp.down_biases"] = down_groups[1]
+            bar.update()
+        bar.close()
+        if len(spec.layers) != total:
+            raise ConvertError(f"got FFN tensors for {len(spec.layers)} layers, config says num_hidden_layers={total}")
+        return writer.finish(config, resident, tokenizer_dir)
 
 
 def convert(
@@ -202,7 +267,6 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
     config = {k: v for k, v in src.config.items() if k != "quantization_config"}
     model = _check_architecture(config, src.path)
     weights = model.sanitize(dict(src.weights)) if hasattr(model, "sanitize") else dict(src.weights)
-    layers = config["num_hidden_layers"]
     qcfg = config.get("quantization")
     if qcfg and bits:
         raise ConvertError(f"{src.path}: already quantized ({qcfg['bits']}-bit); --bits applies to float sources only")
@@ -213,26 +277,5 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
         resident = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in resident.items()}
     if bits:
         resident = _quantize_resident(model, resident, qcfg)
-
-    first = _ffn_tensors(weights, 0, qcfg, bits is not None, cast)
-    q = _ffn_quantization(qcfg, layers, len(first["gate_proj"]) == 3)
-    d = config["hidden_size"]
-    spec = FFNSpec(
-        hidden_size=d,
-        intermediate_size=config["intermediate_size"],
-        gated=True,
-        activation=config.get("hidden_act", "silu"),
-        dtype=dtype_name(first["gate_proj"][1 if q else 0].dtype),
-        quantization=q,
-        record=RecordLayout([], 0),
-    )
-    spec.record = RecordLayout.build(record_parts(d, True, spec.dtype, q))
-    with BundleWriter(out, spec) as writer:
-        for layer in tqdm(range(layers), desc="repack", unit="layer", disable=not progress):
-            t = first if layer == 0 else _ffn_tensors(weights, layer, qcfg, bits is not None, cast)
-            parts, down_groups = _record_parts(t, q)
-            writer.add_layer(parts)
-            if down_groups is not None:
-                resident[f"model.layers.{layer}.mlp.down_scales"] = down_groups[0]
-                resident[f"model.layers.{layer}.mlp.down_biases"] = down_groups[1]
-        return writer.finish(config, resident, src.tokenizer_dir)
+    ffn = (_ffn_tensors(weights, i, qcfg, bits is not None, cast) for i in range(config["num_hidden_layers"]))
+    return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,7 +62,9 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     kwargs.setdefault("sampler", make_sampler(temp, top_p, top_k=top_k))
-    stats = TokenStats(runtime.mode, runtime.ffn_bytes, runtime.resident_bytes, runtime.reader.direct_io, runtime.reader.io_note)
+    stats = TokenStats(
+        runtime.mode, runtime.ffn_bytes, runtime.resident_bytes, runtime.reader.direct_io, runtime.reader.io_note
+    )
     start = time.perf_counter()
     base = runtime.stats.snapshot()
     for r in mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, **kwargs):
@@ -77,7 +79,9 @@ def stream_generate(
         yield Response(r.text, r.token, r.logprobs, len(tokens), r.generation_tokens, r.finish_reason, stats.as_dict())
 
 
-def generate(model: nn.Module, tokenizer: TokenizerWrapper, prompt: str | list[int], verbose: bool = False, **kwargs) -> str:
+def generate(
+    model: nn.Module, tokenizer: TokenizerWrapper, prompt: str | list[int], verbose: bool = False, **kwargs
+) -> str:
     """The whole completion as a string (kwargs as for `stream_generate`)."""
     text = ""
     for r in stream_generate(model, tokenizer, prompt, **kwargs):

@@ -56,8 +56,7 @@ def hf_config(md: dict, weights: dict[str, mx.array], path: Path) -> dict:
     arch = _scalar(md, "general.architecture")
     if arch not in ARCHITECTURES:
         raise ConvertError(
-            f"{path}: unsupported architecture {arch!r} in general.architecture "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"{path}: unsupported architecture {arch!r} in general.architecture (supported: {', '.join(ARCHITECTURES)})"
         )
 
     def key(name, default=None):
@@ -124,7 +123,9 @@ def write_tokenizer(md: dict, out: Path, path: Path) -> None:
     pre = _scalar(md, "tokenizer.ggml.pre", "default")
     if pre in _PRE_REGEX:
         split = pre_tokenizers.Split(_PRE_REGEX[pre], behavior="isolated")
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     else:  # gpt2's own regex; SmolLM ("smollm") also splits digits one by one
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         if pre == "smollm":
@@ -132,7 +133,9 @@ def write_tokenizer(md: dict, out: Path, path: Path) -> None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     types = np.array(md["tokenizer.ggml.token_type"])
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == _CONTROL)[0]])
+    tok.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == _CONTROL)[0]]
+    )
 
     def token(key):
         i = _scalar(md, key)
@@ -142,7 +145,9 @@ def write_tokenizer(md: dict, out: Path, path: Path) -> None:
     add_bos = bool(_scalar(md, "tokenizer.ggml.add_bos_token", False))
     if add_bos and bos:
         bos_id = _scalar(md, "tokenizer.ggml.bos_token_id")
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
+        )
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -67,14 +67,18 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return model.model.layers
 
 
-def load_model(path: str | Path, mode: str = "resident", verify: bool = True, threads: int = 8) -> tuple[nn.Module, TokenizerWrapper]:
+def load_model(
+    path: str | Path, mode: str = "resident", verify: bool = True, threads: int = 8
+) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime."""
     if mode not in MODES:
         raise BundleError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     bundle = Bundle.open(path, verify=verify)
     config = bundle.config
     if config.get("model_type") not in LLAMA_FAMILY:
-        raise BundleError(f"{bundle.path}/config.json: unsupported architecture model_type={config.get('model_type')!r}")
+        raise BundleError(
+            f"{bundle.path}/config.json: unsupported architecture model_type={config.get('model_type')!r}"
+        )
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     reader = FlashReader(bundle.ffn_path, threads=threads)
@@ -91,7 +95,9 @@ def load_model(path: str | Path, mode: str = "resident", verify: bool = True, th
     if qcfg:
         nn.quantize(
             model,
-            class_predicate=lambda p, m: f"{p}.scales" in weights and hasattr(m, "to_quantized") and quant_params(qcfg, p),
+            class_predicate=lambda p, m: (
+                f"{p}.scales" in weights and hasattr(m, "to_quantized") and quant_params(qcfg, p)
+            ),
         )
     try:
         model.load_weights(list(weights.items()), strict=True)

@@ -132,7 +132,9 @@ class FlashReader:
     def _read_envelope(self, offset: int, dest: np.ndarray) -> int:
         """Read the aligned span around [offset, offset+n) into scratch, copy the wanted bytes."""
         start = offset - offset % DIRECT_ALIGN
-        end = min(-(-(offset + dest.nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN, -(-self.size // DIRECT_ALIGN) * DIRECT_ALIGN)
+        end = min(
+            -(-(offset + dest.nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN, -(-self.size // DIRECT_ALIGN) * DIRECT_ALIGN
+        )
         scratch = self._scratch(end - start)
         got = self._pread_full(scratch[: end - start], start, allow_eof=True)
         lo = offset - start
