@@ -279,3 +279,28 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
         resident = _quantize_resident(model, resident, qcfg)
     ffn = (_ffn_tensors(weights, i, qcfg, bits is not None, cast) for i in range(config["num_hidden_layers"]))
     return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress)
+
+
+def read_ffn_layer(bundle, layer: int) -> dict[str, tuple]:
+    """The inverse of the repack: layer `layer`'s FFN tensors, as write_bundle takes them, from disk."""
+    spec = bundle.spec
+    with open(bundle.ffn_path, "rb") as f:
+        f.seek(spec.layers[layer].offset)
+        raw = f.read(spec.block_bytes(layer))
+    records = mx.array(np.frombuffer(raw, dtype=np.uint8).reshape(spec.layers[layer].neurons, spec.record.nbytes))
+    field = {name: spec.record.view(records, name) for name in spec.record.names()}
+    out: dict[str, tuple] = {}
+    for key, m in (("gate", "gate_proj"), ("up", "up_proj")):
+        if f"{key}.weight" in field:
+            out[m] = tuple(field[f"{key}.{s}"] for s in ("weight", "scales", "biases") if f"{key}.{s}" in field)
+    if "up.bias" in field:
+        out["up_bias"] = field["up.bias"][:, 0]
+    q = spec.quantization
+    if q:
+        resident = bundle.resident_weights()
+        prefix = f"model.layers.{layer}.mlp."
+        down = transpose_packed(field["down.weight"], q["down"]["bits"])
+        out["down_proj"] = (down, resident[prefix + "down_scales"], resident[prefix + "down_biases"])
+    else:
+        out["down_proj"] = (field["down.weight"].T,)
+    return out

@@ -118,7 +118,7 @@ def write_tokenizer(md: dict, out: Path, path: Path) -> None:
             "convert from the Hugging Face checkpoint instead"
         )
     tokens = md["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     pre = _scalar(md, "tokenizer.ggml.pre", "default")
     if pre in _PRE_REGEX:
