@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_convert(sub)
     args = parser.parse_args(argv)
+    # transformers' advice (no PyTorch, long sequences) is noise here; our own errors say what matters.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
     try:
         args.run(args)
     except MlxflashError as e:
