@@ -1,0 +1,298 @@
+"""Disk cost model: measured direct-read throughput over read size and reads in flight.
+
+`tools/disk_probe.py` measures a `DiskCurve` (GB/s of O_DIRECT random reads for each chunk size and
+thread count, plus the sequential figure) and stores it as JSON. The runtime-facing API is small:
+
+    curve = DiskCurve.load()                              # ~/.cache/mlxflash/disk_probe.json
+    curve.throughput(chunk_bytes, threads)                # bytes/s, interpolated
+    predict_io_seconds(nbytes, chunk_bytes, threads, curve)
+    plan = plan_io(curve, record_bytes)                   # threads and the coalescing gap
+    k = choose_window(cache_budget, layer_neurons, record_bytes, union_fraction)
+
+Interpolation is bilinear in (log2 chunk, log2 threads) and clamps outside the probed grid, so a
+prediction never extrapolates past what was measured. Along the chunk axis it uses the running
+maximum of the measurements (at equal concurrency a larger read is never slower than a smaller
+one, since it could be split): that irons out the probe's noise without inventing throughput.
+
+The coalescing gap: with T reads in flight, the time one read of c bytes costs the whole stream is
+t(c) = alpha + c / beta (alpha: per-request overhead, beta: streaming bandwidth), fitted per thread
+count over the probed chunk sizes. Reading through a gap of g bytes instead of issuing one more
+request pays when g / beta < alpha, so the gap limit is g* = alpha * beta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxflash" / "disk_probe.json"
+GB = 1e9
+
+
+@dataclass
+class DiskCurve:
+    """Measured throughput: `gbps[i][j]` for `chunks[i]` bytes per read and `threads[j]` in flight."""
+
+    chunks: list[int]
+    threads: list[int]
+    gbps: list[list[float]]
+    sequential_gbps: float = 0.0  # large contiguous direct reads (1 MiB requests, all threads)
+    meta: dict = field(default_factory=dict)  # file size, direct I/O, repeats, date, host
+
+    def __post_init__(self) -> None:
+        g = np.asarray(self.gbps, dtype=float)
+        if g.shape != (len(self.chunks), len(self.threads)):
+            raise ValueError(f"gbps has shape {g.shape}, expected ({len(self.chunks)}, {len(self.threads)})")
+        if sorted(self.chunks) != list(self.chunks) or sorted(self.threads) != list(self.threads):
+            raise ValueError("chunks and threads must be increasing")
+
+    def throughput(self, chunk_bytes: float, threads: float) -> float:
+        """Bytes per second for reads of `chunk_bytes` with `threads` in flight (interpolated)."""
+        lc, lt = np.log2(self.chunks), np.log2(self.threads)
+        x = float(np.clip(math.log2(max(chunk_bytes, 1)), lc[0], lc[-1]))
+        y = float(np.clip(math.log2(max(threads, 1)), lt[0], lt[-1]))
+        g = np.maximum.accumulate(np.asarray(self.gbps, dtype=float), axis=0)  # see module docstring
+        per_thread = np.array([np.interp(x, lc, g[:, j]) for j in range(len(self.threads))])
+        return float(np.interp(y, lt, per_thread)) * GB
+
+    def overhead(self, threads: int) -> tuple[float, float]:
+        """(alpha seconds, beta bytes/s): t(c) = alpha + c/beta, the amortized cost of one read of c bytes.
+
+        beta is the best throughput at this concurrency; alpha the median excess time of reads of
+        64 KiB and less (a relative fit: the large, noisy sizes do not swamp the small ones)."""
+        beta = max(self.throughput(c, threads) for c in self.chunks)
+        small = [c for c in self.chunks if c <= 65536] or self.chunks[:1]
+        alpha = float(np.median([c / self.throughput(c, threads) - c / beta for c in small]))
+        return max(alpha, 0.0), beta
+
+    def save(self, path: str | os.PathLike = DEFAULT_PATH) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike = DEFAULT_PATH) -> DiskCurve:
+        d = json.loads(Path(path).read_text())
+        return cls(d["chunks"], d["threads"], d["gbps"], d.get("sequential_gbps", 0.0), d.get("meta", {}))
+
+    @classmethod
+    def load_or_default(cls, path: str | os.PathLike | None = None) -> DiskCurve:
+        """The stored probe if there is one, else `REFERENCE_CURVE` (meta["source"] says which)."""
+        p = Path(path) if path else DEFAULT_PATH
+        return cls.load(p) if p.is_file() else REFERENCE_CURVE
+
+    def table(self) -> str:
+        """A markdown table of the curve (GB/s)."""
+        head = "| chunk | " + " | ".join(f"{t} thr" for t in self.threads) + " |"
+        rule = "|---" * (len(self.threads) + 1) + "|"
+        rows = [f"| {_size(c)} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for c, row in zip(self.chunks, self.gbps)]
+        return "\n".join([head, rule, *rows])
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+# The curve measured on the development machines (DESIGN.md): used when no probe has been stored.
+REFERENCE_CURVE = DiskCurve(
+    chunks=[4096, 16384, 32768, 65536, 131072, 262144],
+    threads=[1, 4, 8, 16, 32],
+    gbps=[
+        [0.05, 0.14, 0.23, 0.29, 0.36],
+        [0.19, 0.46, 0.72, 0.95, 1.05],
+        [0.32, 0.81, 1.02, 1.56, 1.55],
+        [0.55, 1.20, 1.55, 1.64, 1.81],
+        [0.95, 1.65, 1.72, 1.91, 1.83],
+        [1.41, 1.98, 1.83, 1.81, 1.66],
+    ],
+    sequential_gbps=1.6,
+    meta={"source": "DESIGN.md reference (virtio dev VM); run tools/disk_probe.py for this machine"},
+)
+
+
+def predict_io_seconds(nbytes: float, chunk_bytes: float, threads: int, curve: DiskCurve) -> float:
+    """Seconds to read `nbytes` in reads of `chunk_bytes` with `threads` in flight."""
+    if nbytes <= 0:
+        return 0.0
+    return float(nbytes) / curve.throughput(min(chunk_bytes, nbytes), threads)
+
+
+def coalesce_gap(curve: DiskCurve, threads: int) -> int:
+    """Largest gap (bytes) worth reading through rather than issuing another request: alpha * beta."""
+    alpha, beta = curve.overhead(threads)
+    return int(alpha * beta)
+
+
+@dataclass
+class IOPlan:
+    threads: int  # reads in flight
+    gap_bytes: int  # read through gaps up to this size (0: never)
+    chunk_bytes: int  # the read size the plan assumed
+    gbps: float  # predicted throughput at that size and concurrency
+
+
+def plan_io(curve: DiskCurve, chunk_bytes: int, max_threads: int = 64, within: float = 0.95) -> IOPlan:
+    """The fewest threads that reach `within` of the best probed throughput for reads of `chunk_bytes`,
+    and the coalescing gap at that concurrency. `chunk_bytes` is the typical read (one record, or the
+    mean coalesced run)."""
+    options = [t for t in curve.threads if t <= max_threads] or [curve.threads[0]]
+    best = max(curve.throughput(chunk_bytes, t) for t in options)
+    threads = next(t for t in options if curve.throughput(chunk_bytes, t) >= within * best)
+    gap = coalesce_gap(curve, threads)
+    return IOPlan(threads, gap, int(chunk_bytes), curve.throughput(chunk_bytes, threads) / GB)
+
+
+def choose_window(
+    cache_budget_bytes: float,
+    layer_neurons: Sequence[int],
+    record_bytes: Sequence[int] | int,
+    union_fraction: Sequence[float],
+) -> int:
+    """The largest window k whose neuron caches fit `cache_budget_bytes` (0 if not even k=1 fits).
+
+    `union_fraction[k-1]`: fraction of a layer's neurons held by the union of the last k tokens'
+    selections. Pass a high quantile (e.g. the 99th percentile from `traces.window_stats`), not the
+    mean: a cache is sized once, for its fullest token.
+    """
+    sizes = [record_bytes] * len(layer_neurons) if isinstance(record_bytes, int) else list(record_bytes)
+    per_fraction = sum(n * r for n, r in zip(layer_neurons, sizes))  # bytes if every neuron were cached
+    best = 0
+    for k, frac in enumerate(union_fraction, start=1):
+        if frac * per_fraction <= cache_budget_bytes:
+            best = k
+    return best
+
+
+def predict_token_io(
+    new_fraction: float, ffn_bytes: float, run_bytes: float, plan: IOPlan, curve: DiskCurve
+) -> float:
+    """Seconds of I/O per token when `new_fraction` of the FFN is loaded in reads of about `run_bytes`."""
+    return predict_io_seconds(new_fraction * ffn_bytes, run_bytes, plan.threads, curve)
+
+
+# ---- measuring (tools/disk_probe.py is the front end) ----
+
+PROBE_CHUNKS = [4096 << i for i in range(9)]  # 4 KiB .. 1 MiB
+PROBE_THREADS = [1, 2, 4, 8, 16, 32]
+
+
+def make_scratch(path: str | os.PathLike, nbytes: int) -> Path:
+    """A file of `nbytes` of real (non-sparse, incompressible) data, evicted from the page cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+    if not (path.is_file() and path.stat().st_size == nbytes):
+        with open(path, "wb") as f:
+            for i in range(0, nbytes, block.nbytes):
+                block[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)  # no two blocks alike
+                f.write(block[: min(block.nbytes, nbytes - i)].tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    evict(path)
+    return path
+
+
+def evict(path: str | os.PathLike) -> None:
+    """Drop one file's pages from the page cache (posix_fadvise DONTNEED; a no-op where missing)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _timed_reads(reader, size: int, chunk: int, n: int, dest: np.ndarray, rng: np.random.Generator) -> float:
+    """Seconds for n random chunk-aligned reads of `chunk` bytes (slots of `dest` reused)."""
+    import time
+
+    slots = dest.nbytes // chunk
+    offsets = rng.integers(0, size // chunk, n) * chunk
+    runs = [(int(o), dest[(i % slots) * chunk : (i % slots + 1) * chunk]) for i, o in enumerate(offsets)]
+    t0 = time.perf_counter()
+    reader.read(runs)
+    return time.perf_counter() - t0
+
+
+def measure_cell(reader, size: int, chunk: int, min_seconds: float, repeats: int, dest, rng) -> float:
+    """Median GB/s of random direct reads for one (chunk, threads) cell."""
+    n = 4 * reader.threads
+    while (dt := _timed_reads(reader, size, chunk, n, dest, rng)) < min_seconds and n < 1 << 20:
+        n = int(n * max(2.0, min(8.0, min_seconds / max(dt, 1e-4))))
+    rates = [n * chunk / dt / GB] + [
+        n * chunk / _timed_reads(reader, size, chunk, n, dest, rng) / GB for _ in range(repeats - 1)
+    ]
+    return float(np.median(rates))
+
+
+def measure_sequential(path: Path, nbytes: int, threads: int) -> float:
+    """GB/s of one contiguous direct read of `nbytes` (1 MiB requests shared by `threads`)."""
+    import time
+
+    from .reader import FlashReader, aligned_buffer
+
+    reader = FlashReader(path, threads=threads)
+    try:
+        size = reader.size - reader.size % (1 << 20)
+        nbytes = min(nbytes, size)
+        _, view = aligned_buffer(nbytes)
+        start = int(np.random.default_rng(1).integers(0, (size - nbytes) // (1 << 20) + 1)) << 20
+        t0 = time.perf_counter()
+        reader.read([(start, view)])
+        return nbytes / (time.perf_counter() - t0) / GB
+    finally:
+        reader.close()
+
+
+def probe(
+    path: str | os.PathLike,
+    chunks: Sequence[int] = PROBE_CHUNKS,
+    threads: Sequence[int] = PROBE_THREADS,
+    min_seconds: float = 0.25,
+    repeats: int = 3,
+    progress=None,
+) -> DiskCurve:
+    """Measure the curve on an existing (evicted) file. `progress(chunk, threads, gbps)` is called per cell."""
+    import platform
+    import time
+
+    from .reader import FlashReader, aligned_buffer
+
+    path = Path(path)
+    rng = np.random.default_rng(0)
+    table = [[0.0] * len(threads) for _ in chunks]
+    direct, note = True, ""
+    for j, t in enumerate(threads):
+        reader = FlashReader(path, threads=t)
+        direct, note = reader.direct_io, reader.io_note
+        try:
+            for i, c in enumerate(chunks):
+                _, dest = aligned_buffer(c * max(2 * t, 4))
+                table[i][j] = measure_cell(reader, reader.size, c, min_seconds, repeats, dest, rng)
+                if progress:
+                    progress(c, t, table[i][j])
+        finally:
+            reader.close()
+    evict(path)
+    seq = measure_sequential(path, 1 << 30, max(t for t in threads if t <= 8))
+    meta = {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "direct_io": direct,
+        "io_mode": note,
+        "repeats": repeats,
+        "min_seconds": min_seconds,
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "tools/disk_probe.py",
+    }
+    return DiskCurve(list(chunks), list(threads), table, seq, meta)
