@@ -23,13 +23,16 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def load(path: str | Path | None = None, mode: str = "resident", verify: bool = True, threads: int = 8):
+def load(path: str | Path | None = None, mode: str | None = None, memory: str | int | None = None, **kwargs):
     """Load a flash bundle -> (model, tokenizer). With no path, the default model (fetched on first use).
 
-    `mode`: "resident" (the whole FFN in memory) or "naive" (each token reads every layer's FFN from
-    disk). `model.flash` carries the runtime: bundle, reader, counters; `model.flash.close()` releases it.
+    mode: "resident" (the whole FFN in memory), "naive" (each token reads every layer's FFN from disk) or
+    "flash" (selected neurons, windowed cache); by default "flash" when `memory` ("4GB", "50%") is
+    smaller than the model, else "resident". Other options: selector ("predictor", "gate", "all" or a
+    Selector), window, gap, bundled, masked_prompts, verify, threads (see mlxflash.model.load_model).
+    `model.flash` carries the runtime (plan, statistics); `model.flash.close()` releases the bundle.
     """
     from .default_model import default_model_path
     from .model import load_model
 
-    return load_model(path if path is not None else default_model_path(), mode=mode, verify=verify, threads=threads)
+    return load_model(path if path is not None else default_model_path(), mode=mode, memory=memory, **kwargs)

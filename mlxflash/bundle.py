@@ -6,11 +6,11 @@ A bundle is a directory:
                            resident weights) and a "flash" section (below)
     tokenizer.json, tokenizer_config.json, ...   the tokenizer, loadable by mlx-lm / transformers
     resident.safetensors   everything that stays in DRAM: embeddings, attention, norms, LM head,
-                           the down projection's group scales (quantized bundles) and predictors
+                           the down projection's group scales (quantized bundles), FFN biases and predictors
     ffn.bin                the FFN: one block per layer of fixed-size neuron records
 
 FFN records. Neuron i of layer l is one contiguous record, ``[gate_i | up_i | down_i]`` for a gated FFN
-(SwiGLU) or ``[up_i | down_i]`` (plus ``up.bias``) for a plain one. ``gate_i`` and ``up_i`` are row i of
+(SwiGLU) or ``[up_i | down_i]`` for a plain one (biases, one number per neuron, stay resident). ``gate_i`` and ``up_i`` are row i of
 the gate and up projections (length d = hidden size); ``down_i`` is column i of the down projection,
 the d weights that neuron i's activation is multiplied into. Records are in neuron order; each layer's
 block starts on a 16 KiB boundary (the SSD page) so direct I/O can read any run of records.
@@ -251,9 +251,7 @@ class FFNSpec:
             raise BundleError(f"{where}: malformed flash section ({e!r} missing or wrong)") from e
 
 
-def record_parts(
-    hidden_size: int, gated: bool, dtype: str, quantization: dict | None, up_bias: bool = False
-) -> list[tuple[str, str, int]]:
+def record_parts(hidden_size: int, gated: bool, dtype: str, quantization: dict | None) -> list[tuple[str, str, int]]:
     """The fields of a neuron record for this FFN shape and storage."""
     names = (["gate"] if gated else []) + ["up"]
     parts: list[tuple[str, str, int]] = []
@@ -267,8 +265,6 @@ def record_parts(
             ]
         else:
             parts.append((f"{name}.weight", dtype, hidden_size))
-    if up_bias:
-        parts.append(("up.bias", dtype, 1))
     if quantization:
         parts.append(("down.weight", "uint32", hidden_size * quantization["down"]["bits"] // 32))
     else:

@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from .errors import MlxflashError, UsageError
-from .model import MODES
+from .model import MODES, SELECTORS
 
 
 def _add_generate(sub) -> None:
@@ -21,7 +21,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--mode", choices=MODES, default="resident")
+    p.add_argument(
+        "--mode", choices=MODES, help="default: flash when --memory is below the model's size, else resident"
+    )
+    p.add_argument("--memory", help="DRAM budget: a size (4GB, 512MiB) or a share of the model (50%%)")
+    p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
+    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--threads", type=int, default=8, help="reads in flight")
@@ -78,10 +83,19 @@ def format_stats(s: dict) -> str:
 
 def _generate(args) -> None:
     from . import load
-    from .generate import stream_generate
+    from .generate import check_prompt, encode_prompt, stream_generate
 
     _check_generate_args(args)
-    model, tokenizer = load(args.model, mode=args.mode, verify=not args.no_verify, threads=args.threads)
+    model, tokenizer = load(
+        args.model,
+        mode=args.mode,
+        memory=args.memory,
+        selector=args.selector,
+        window=args.window,
+        verify=not args.no_verify,
+        threads=args.threads,
+    )
+    print(model.flash.plan.describe(), file=sys.stderr)
     stats = None
     try:
         for r in stream_generate(

@@ -21,15 +21,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
 from . import gguf
+from .architectures import SUPPORTED, model_classes
 from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
 from .errors import ConvertError
 from .ffn import ACTIVATIONS, transpose_packed
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -107,17 +106,20 @@ def quant_params(qcfg: dict, module: str) -> dict:
 
 def _check_architecture(config: dict, where: Path) -> nn.Module:
     model_type = config.get("model_type")
-    if model_type not in LLAMA_FAMILY:
+    if model_type not in SUPPORTED:
         raise ConvertError(
-            f"{where}: unsupported architecture model_type={model_type!r} (supported: {', '.join(LLAMA_FAMILY)})"
+            f"{where}: unsupported architecture model_type={model_type!r} (supported: {', '.join(SUPPORTED)})"
         )
     if config.get("mlp_bias"):
         raise ConvertError(f"{where}: mlp_bias=true is not supported for {model_type}")
-    act = config.get("hidden_act", "silu")
+    act = config.get("hidden_act") or config.get("activation_function", "silu")
     if act not in ACTIVATIONS:
         raise ConvertError(f"{where}: hidden_act {act!r} not supported (supported: {', '.join(ACTIVATIONS)})")
-    model_class, args_class = _get_classes(config)
-    return model_class(args_class.from_dict(config))  # lazy: parameters are never materialized
+    model_class, args_class = model_classes(config)
+    try:
+        return model_class(args_class.from_dict(config))
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from e  # lazy: parameters are never materialized
 
 
 def _quantize_resident(model: nn.Module, weights: dict, qcfg: dict) -> dict:
@@ -125,18 +127,30 @@ def _quantize_resident(model: nn.Module, weights: dict, qcfg: dict) -> dict:
     out = dict(weights)
     for path, module in model.named_modules():
         w = weights.get(f"{path}.weight")
-        if w is None or ".mlp." in f".{path}." or not isinstance(module, (nn.Linear, nn.Embedding)):
+        if (
+            w is None
+            or ".mlp." in f".{path}."
+            or "embed_positions" in path
+            or not isinstance(module, (nn.Linear, nn.Embedding))
+        ):
             continue
         if w.shape[-1] % qcfg["group_size"] == 0:
             out[f"{path}.weight"], out[f"{path}.scales"], out[f"{path}.biases"] = mx.quantize(w, **qcfg)
     return out
 
 
-def _ffn_tensors(weights: dict, layer: int, qcfg: dict | None, quantize: bool, dtype) -> dict:
-    """The layer's gate/up/down as {matrix: (weight, scales, biases)} or {matrix: (weight,)}."""
+def _source_names(config: dict) -> dict[str, str]:
+    """Where each FFN matrix sits in the source, by role."""
+    if config["model_type"] == "opt":
+        return {"up_proj": "fc1", "down_proj": "fc2"}
+    return {m: m for m in FFN_MATRICES}
+
+
+def _ffn_tensors(weights: dict, config: dict, layer: int, qcfg: dict | None, quantize: bool, dtype) -> dict:
+    """The layer's FFN as write_bundle takes it: {matrix: (weight,) or (weight, scales, biases)}, biases."""
     out = {}
-    for m in FFN_MATRICES:
-        name = f"model.layers.{layer}.mlp.{m}"
+    for m, src in _source_names(config).items():
+        name = f"model.layers.{layer}.mlp.{src}"
         w = weights.get(f"{name}.weight")
         if w is None:
             raise ConvertError(f"tensor {name}.weight missing from the source")
@@ -146,6 +160,9 @@ def _ffn_tensors(weights: dict, layer: int, qcfg: dict | None, quantize: bool, d
             out[m] = mx.quantize(w.astype(dtype) if dtype else w, **quant_params(qcfg, name))
         else:
             out[m] = (w.astype(dtype) if dtype else w,)
+        if f"{name}.bias" in weights:
+            bias = weights[f"{name}.bias"]
+            out["up_bias" if m == "up_proj" else "down_bias"] = bias.astype(dtype) if dtype else bias
     return out
 
 
@@ -172,8 +189,6 @@ def _record_parts(t: dict, q: dict | None) -> tuple[dict[str, np.ndarray], tuple
     for key, m in (("gate", "gate_proj"), ("up", "up_proj")):
         for suffix, a in zip(("weight", "scales", "biases"), t.get(m, ())):
             parts[f"{key}.{suffix}"] = a
-    if "up_bias" in t:
-        parts["up.bias"] = t["up_bias"].reshape(-1, 1)
     down = t["down_proj"]
     if q:
         parts["down.weight"] = transpose_packed(down[0], q["down"]["bits"])  # (n, d*bits/32)
@@ -196,7 +211,7 @@ def write_bundle(
 
     Each layer is {"gate_proj": (w,), "up_proj": (w,), "down_proj": (w,)} in nn.Linear's convention
     (gate/up (ffn, d), down (d, ffn)), or (w, scales, biases) when quantized; no "gate_proj" for a
-    plain FFN, and "up_bias" (ffn,) when it has one. The real converter and the synthetic-model tool
+    plain FFN, and "up_bias" (ffn,) / "down_bias" (d,) when it has them. The real converter and the synthetic-model tool
     both come through here.
     """
     resident = dict(resident)
@@ -212,9 +227,7 @@ def write_bundle(
         activation=config.get("hidden_act") or config.get("activation_function", "silu"),
         dtype=dtype_name(scale_or_weight.dtype),
         quantization=q,
-        record=RecordLayout.build(
-            record_parts(config["hidden_size"], gated, dtype_name(scale_or_weight.dtype), q, "up_bias" in first)
-        ),
+        record=RecordLayout.build(record_parts(config["hidden_size"], gated, dtype_name(scale_or_weight.dtype), q)),
         selector=selector,
     )
     total = config["num_hidden_layers"]
@@ -227,6 +240,9 @@ def write_bundle(
                 )
             parts, down_groups = _record_parts(t, q)
             writer.add_layer(parts)
+            for bias in ("up_bias", "down_bias"):  # small: resident, and records stay page-sized
+                if bias in t:
+                    resident[f"model.layers.{layer}.mlp.{bias}"] = t[bias]
             if down_groups is not None:
                 resident[f"model.layers.{layer}.mlp.down_scales"] = down_groups[0]
                 resident[f"model.layers.{layer}.mlp.down_biases"] = down_groups[1]
@@ -277,7 +293,7 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
         resident = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in resident.items()}
     if bits:
         resident = _quantize_resident(model, resident, qcfg)
-    ffn = (_ffn_tensors(weights, i, qcfg, bits is not None, cast) for i in range(config["num_hidden_layers"]))
+    ffn = (_ffn_tensors(weights, config, i, qcfg, bits is not None, cast) for i in range(config["num_hidden_layers"]))
     return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress)
 
 
@@ -293,12 +309,12 @@ def read_ffn_layer(bundle, layer: int) -> dict[str, tuple]:
     for key, m in (("gate", "gate_proj"), ("up", "up_proj")):
         if f"{key}.weight" in field:
             out[m] = tuple(field[f"{key}.{s}"] for s in ("weight", "scales", "biases") if f"{key}.{s}" in field)
-    if "up.bias" in field:
-        out["up_bias"] = field["up.bias"][:, 0]
+    resident = bundle.resident_weights()
+    prefix = f"model.layers.{layer}.mlp."
+    if prefix + "up_bias" in resident:
+        out["up_bias"] = resident[prefix + "up_bias"]
     q = spec.quantization
     if q:
-        resident = bundle.resident_weights()
-        prefix = f"model.layers.{layer}.mlp."
         down = transpose_packed(field["down.weight"], q["down"]["bits"])
         out["down_proj"] = (down, resident[prefix + "down_scales"], resident[prefix + "down_biases"])
     else:

@@ -92,7 +92,9 @@ class DiskCurve:
         """A markdown table of the curve (GB/s)."""
         head = "| chunk | " + " | ".join(f"{t} thr" for t in self.threads) + " |"
         rule = "|---" * (len(self.threads) + 1) + "|"
-        rows = [f"| {_size(c)} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for c, row in zip(self.chunks, self.gbps)]
+        rows = [
+            f"| {_size(c)} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for c, row in zip(self.chunks, self.gbps)
+        ]
         return "\n".join([head, rule, *rows])
 
 
@@ -170,9 +172,7 @@ def choose_window(
     return best
 
 
-def predict_token_io(
-    new_fraction: float, ffn_bytes: float, run_bytes: float, plan: IOPlan, curve: DiskCurve
-) -> float:
+def predict_token_io(new_fraction: float, ffn_bytes: float, run_bytes: float, plan: IOPlan, curve: DiskCurve) -> float:
     """Seconds of I/O per token when `new_fraction` of the FFN is loaded in reads of about `run_bytes`."""
     return predict_io_seconds(new_fraction * ffn_bytes, run_bytes, plan.threads, curve)
 

@@ -9,11 +9,15 @@ neurons they are given.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .bundle import FFNSpec
+from .cache import NeuronCache, timed_update
+from .reader import FlashReader
 from .stats import RuntimeStats
 
 ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu}
@@ -51,10 +55,10 @@ class FFN(nn.Module):
     """One layer's FFN; subclasses decide where the records come from.
 
     Its parameters are the resident pieces only: the down projection's group scales (quantized
-    bundles) and the output bias (FFNs with biases). The records themselves never are parameters.
+    bundles) and the biases (FFNs with biases). The records themselves never are parameters.
     """
 
-    def __init__(self, layer: int, spec: FFNSpec, stats: RuntimeStats, down_bias: bool = False):
+    def __init__(self, layer: int, spec: FFNSpec, stats: RuntimeStats, biases: bool = False):
         super().__init__()
         self._layer = layer
         self._spec = spec
@@ -66,7 +70,8 @@ class FFN(nn.Module):
             groups = n // spec.quantization["down"]["group_size"]
             self.down_scales = mx.zeros((d, groups), dtype=dtype)
             self.down_biases = mx.zeros((d, groups), dtype=dtype)
-        if down_bias:
+        if biases:
+            self.up_bias = mx.zeros((n,), dtype=dtype)
             self.down_bias = mx.zeros((d,), dtype=dtype)
 
     def dense_weights(self, records: mx.array) -> dict[str, mx.array]:
@@ -77,30 +82,50 @@ class FFN(nn.Module):
             w["down.weight"] = transpose_packed(w["down.weight"], q["down"]["bits"])
         return w
 
-    def dense(self, x: mx.array, w: dict[str, mx.array]) -> mx.array:
-        """x: (..., d) -> (..., d) through every neuron. Same math as mlx-lm's MLP."""
+    def _hidden(self, x: mx.array, w: dict[str, mx.array], up_bias: mx.array | None) -> mx.array:
+        """The neurons' activations h (..., n) for the records in `w`."""
         q = self._spec.quantization
         if q:
             up = _qmm(x, w["up.weight"], w["up.scales"], w["up.biases"], q["up"])
         else:
             up = x @ w["up.weight"].T
-        if "up.bias" in w:
-            up = up + w["up.bias"][:, 0]
-        if self._spec.gated:
-            if q:
-                gate = _qmm(x, w["gate.weight"], w["gate.scales"], w["gate.biases"], q["gate"])
-            else:
-                gate = x @ w["gate.weight"].T
-            h = self._act(gate) * up
+        if up_bias is not None:
+            up = up + up_bias
+        if not self._spec.gated:
+            return self._act(up)
+        if q:
+            gate = _qmm(x, w["gate.weight"], w["gate.scales"], w["gate.biases"], q["gate"])
         else:
-            h = self._act(up)
+            gate = x @ w["gate.weight"].T
+        return self._act(gate) * up
+
+    def _output(self, y: mx.array) -> mx.array:
+        return y + self.down_bias if "down_bias" in self else y
+
+    def dense(self, x: mx.array, w: dict[str, mx.array], mask: mx.array | None = None) -> mx.array:
+        """x: (..., d) -> (..., d) through every neuron (those in `mask` only, if given). mlx-lm's math."""
+        h = self._hidden(x, w, self.up_bias if "up_bias" in self else None)
+        if mask is not None:
+            h = h * mask
+        q = self._spec.quantization
         if q:
             y = _qmm(h, w["down.weight"], self.down_scales, self.down_biases, q["down"])
         else:
             y = h @ w["down.weight"]
-        if "down_bias" in self:
-            y = y + self.down_bias
-        return y
+        return self._output(y)
+
+    def sparse(self, x: mx.array, rows: mx.array, ids: mx.array) -> mx.array:
+        """x: (..., d) through the neurons `ids` whose records are `rows` (n, R), in any order."""
+        layout, q = self._spec.record, self._spec.quantization
+        w = {name: layout.view(rows, name) for name in layout.names()}
+        h = self._hidden(x, w, self.up_bias[ids] if "up_bias" in self else None)  # (..., n)
+        if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
+            group = ids // q["down"]["group_size"]
+            codes = unpack_codes(w["down.weight"], q["down"]["bits"]).astype(h.dtype)  # (n, d)
+            down = codes * self.down_scales.T[group] + self.down_biases.T[group]
+        else:
+            down = w["down.weight"]
+        return self._output(h @ down.astype(h.dtype))
 
 
 class ResidentFFN(FFN):
@@ -117,16 +142,100 @@ class ResidentFFN(FFN):
 class NaiveFFN(FFN):
     """Reads the layer's whole block from the bundle at every call: the paper's naive baseline."""
 
-    def __init__(self, layer: int, spec: FFNSpec, stats: RuntimeStats, blocks, down_bias: bool = False):
-        super().__init__(layer, spec, stats, down_bias)
+    def __init__(self, layer: int, spec: FFNSpec, stats: RuntimeStats, blocks, biases: bool = False):
+        super().__init__(layer, spec, stats, biases)
         self._blocks = blocks
 
     def __call__(self, x: mx.array) -> mx.array:
         records = self._blocks.read_block(self._layer)
+        y = self.dense(x, self._timed_weights(records))
+        mx.eval(y)  # the block buffer is reused by the next layer: finish with it first
+        return y
+
+    def _timed_weights(self, records: mx.array) -> dict[str, mx.array]:
         t0 = time.perf_counter()
         w = self.dense_weights(records)
         mx.eval(w)
         self._stats.mem_seconds += time.perf_counter() - t0
-        y = self.dense(x, w)
-        mx.eval(y)  # the block buffer is reused by the next layer: finish with it first
+        return w
+
+
+@dataclass
+class FlashOptions:
+    """Run-time knobs of flash mode (the bench's ablations turn them off one by one)."""
+
+    window: int = 4  # tokens whose selections stay cached
+    gap: int = 0  # read through gaps of up to this many records; -1: no coalescing at all
+    bundled: bool = True  # one read per run of records; False: gate, up, down read separately
+    masked_prompts: bool = False  # evaluate prompts with per-token selections instead of dense
+    parts: list = field(default_factory=list)  # (offset, bytes) of gate/up/down inside a record
+
+
+class FlashFFN(NaiveFFN):
+    """The paper's method: selected neurons only, a windowed DRAM cache, reads of missing records."""
+
+    def __init__(
+        self,
+        layer,
+        spec,
+        stats,
+        blocks,
+        reader: FlashReader,
+        selector,
+        capacity: int,
+        options: FlashOptions,
+        biases=False,
+    ):
+        super().__init__(layer, spec, stats, blocks, biases)
+        self._reader, self._selector, self._options = reader, selector, options
+        self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record.nbytes, options.window)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.shape[-2] > 1:
+            return self._prompt(x)
+        mask = self._selector.select(self._layer, x.reshape(-1, x.shape[-1])[-1:])
+        selected = _selected_ids(mask)
+        missing, start = timed_update(self._cache, selected, self._stats)
+        o = self._options
+        self._cache.fill_from_disk(
+            self._reader, self._spec.layers[self._layer].offset, missing, start, o.gap, None if o.bundled else o.parts
+        )
+        rows, ids = self._cache.views()
+        self._stats.selected += len(selected)
+        self._stats.loaded += len(missing)
+        self._stats.computed += len(ids)
+        return self.sparse(x, rows, ids)  # lazy: the next layer's selection evaluates it
+
+    def _prompt(self, x: mx.array) -> mx.array:
+        """Many tokens: read the block sequentially and compute densely (or per-token masked), then seed
+        the window with the last tokens' selections, copied from the block in memory."""
+        records = self._blocks.read_block(self._layer)
+        w = self._timed_weights(records)
+        k = min(self._options.window, x.shape[-2])
+        masks = self._selector.select(self._layer, x[0, -k:] if self._options.masked_prompts is False else x[0])
+        mask = _window_union(masks, self._options.window) if self._options.masked_prompts else None
+        y = self.dense(x, w, mask)
+        mx.eval(y, masks)
+        block = np.asarray(records)
+        t0 = time.perf_counter()
+        for m in np.asarray(masks[-k:]):
+            missing, start = self._cache.update(np.flatnonzero(m).astype(np.int32))
+            self._cache.fill_from_block(block, missing, start)
+        self._stats.mem_seconds += time.perf_counter() - t0
         return y
+
+
+def _selected_ids(selection) -> np.ndarray:
+    """A selector's answer for one token: a mask (1, n) or ids -> sorted int32 ids."""
+    if isinstance(selection, np.ndarray) and selection.dtype != np.bool_:
+        return np.sort(selection.astype(np.int32))
+    return np.flatnonzero(np.asarray(selection).reshape(-1)).astype(np.int32)
+
+
+def _window_union(masks: mx.array, window: int) -> mx.array:
+    """masks (T, n) -> (T, n): token t keeps the union of tokens t-window+1..t (what the cache holds)."""
+    out = masks
+    for shift in range(1, min(window, masks.shape[0])):
+        pad = mx.zeros((shift, masks.shape[1]), dtype=mx.bool_)
+        out = out | mx.concatenate([pad, masks[:-shift]], axis=0)
+    return out.astype(mx.float32)

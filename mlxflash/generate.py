@@ -13,7 +13,6 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import UsageError
-from .stats import TokenStats
 
 
 @dataclass
@@ -37,6 +36,16 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[int]) -> list[
     return tokenizer.encode(prompt, add_special_tokens=add_special)
 
 
+def check_prompt(context: int | None, tokens: list[int], max_tokens: int) -> None:
+    if not tokens:
+        raise UsageError("the prompt is empty")
+    if context and len(tokens) + max_tokens > context:
+        raise UsageError(
+            f"the prompt is {len(tokens)} tokens and {max_tokens} more were asked for, "
+            f"but the model's context is {context} tokens"
+        )
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
@@ -51,20 +60,11 @@ def stream_generate(
     """Yield a Response per generated token; `stats` covers the decode steps so far."""
     runtime = model.flash
     tokens = encode_prompt(tokenizer, prompt)
-    if not tokens:
-        raise UsageError("the prompt is empty")
-    context = runtime.context_length
-    if context and len(tokens) + max_tokens > context:
-        raise UsageError(
-            f"the prompt is {len(tokens)} tokens and {max_tokens} more were asked for, "
-            f"but the model's context is {context} tokens"
-        )
+    check_prompt(runtime.context_length, tokens, max_tokens)
     if seed is not None:
         mx.random.seed(seed)
     kwargs.setdefault("sampler", make_sampler(temp, top_p, top_k=top_k))
-    stats = TokenStats(
-        runtime.mode, runtime.ffn_bytes, runtime.resident_bytes, runtime.reader.direct_io, runtime.reader.io_note
-    )
+    stats = runtime.token_stats()
     start = time.perf_counter()
     base = runtime.stats.snapshot()
     for r in mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, **kwargs):
@@ -73,9 +73,9 @@ def stream_generate(
             stats.prompt_tokens, stats.prefill_s = len(tokens), now - start
             start, base = now, snap
         else:
-            d = [s - b for s, b in zip(snap, base)]
             stats.tokens, stats.decode_s = r.generation_tokens - 1, now - start
-            stats.io_s, stats.mem_s, stats.bytes_read, stats.bytes_transferred = d
+            stats.totals = {k: snap[k] - base[k] for k in snap}
+        stats.extra = runtime.live()
         yield Response(r.text, r.token, r.logprobs, len(tokens), r.generation_tokens, r.finish_reason, stats.as_dict())
 
 

@@ -7,23 +7,26 @@ mode's source: all in memory (`resident`) or the whole block re-read at every to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
-from mlx_lm.utils import _get_classes
 
+from .architectures import SUPPORTED, model_classes
 from .bundle import Bundle
-from .convert import LLAMA_FAMILY, quant_params
-from .errors import BundleError
-from .ffn import NaiveFFN, ResidentFFN
+from .convert import quant_params
+from .errors import BundleError, UsageError
+from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
+from .planner import Plan, choose_mode, model_bytes, plan_flash
 from .reader import FlashReader, aligned_buffer
-from .stats import RuntimeStats
+from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_rows, predictor_prefix
+from .stats import RuntimeStats, TokenStats, current_rss_bytes
 
-MODES = ("resident", "naive")
+MODES = ("resident", "naive", "flash")
+SELECTORS = ("predictor", "gate", "all")
 
 
 class BlockSource:
@@ -43,13 +46,18 @@ class BlockSource:
 
 @dataclass
 class FlashRuntime:
-    """What `load` attaches to the model as `model.flash`: the bundle, the reader and the counters."""
+    """What `load` attaches to the model as `model.flash`: the bundle, the reader, the plan and counters."""
 
     bundle: Bundle
     mode: str
     reader: FlashReader
     stats: RuntimeStats
     resident_bytes: int
+    fixed_overhead_bytes: int
+    plan: Plan
+    options: FlashOptions | None = None
+    selector: Selector | None = None
+    ffns: list = field(default_factory=list)
 
     @property
     def ffn_bytes(self) -> int:
@@ -58,6 +66,31 @@ class FlashRuntime:
     @property
     def context_length(self) -> int | None:
         return self.bundle.config.get("max_position_embeddings")
+
+    def token_stats(self) -> TokenStats:
+        r = self.reader
+        neurons = sum(b.neurons for b in self.bundle.spec.layers)
+        return TokenStats(self.mode, self.ffn_bytes, self.resident_bytes, r.direct_io, r.io_note, neurons)
+
+    def live(self) -> dict:
+        """Figures that change as the model runs (cache contents) and the plan's."""
+        out = {"fixed_overhead_bytes": self.fixed_overhead_bytes, "memory_budget": self.plan.budget}
+        if self.mode == "flash":
+            caches = [f._cache for f in self.ffns]
+            out.update(
+                selector=self.plan.selector,
+                window=self.options.window,
+                cache_capacity=self.plan.capacity,
+                cached_neurons=sum(c.used for c in caches),
+                dropped_neurons=sum(c.dropped for c in caches),
+                planned_bytes=self.plan.planned_bytes,
+            )
+        return out
+
+    def reset(self) -> None:
+        """Forget the cached neurons (a new conversation)."""
+        for f in self.ffns:
+            f._cache.__init__(f._cache.neurons, f._cache.capacity, f._cache.record_bytes, f._cache.window)
 
     def close(self) -> None:
         self.reader.close()
@@ -68,30 +101,72 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 def load_model(
-    path: str | Path, mode: str = "resident", verify: bool = True, threads: int = 8
+    path: str | Path,
+    mode: str | None = None,
+    memory: str | int | None = None,
+    selector: str | Selector | None = None,
+    window: int | None = None,
+    gap: int = 0,
+    bundled: bool = True,
+    masked_prompts: bool = False,
+    verify: bool = True,
+    threads: int = 8,
 ) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime."""
-    if mode not in MODES:
-        raise BundleError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime.
+
+    mode: "resident", "naive" or "flash"; by default "flash" when `memory` is smaller than the model.
+    """
+    overhead = current_rss_bytes()
+    if mode is not None and mode not in MODES:
+        raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     bundle = Bundle.open(path, verify=verify)
+    mode, budget = choose_mode(bundle, mode, memory)
     config = bundle.config
-    if config.get("model_type") not in LLAMA_FAMILY:
+    if config.get("model_type") not in SUPPORTED:
         raise BundleError(
             f"{bundle.path}/config.json: unsupported architecture model_type={config.get('model_type')!r}"
         )
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     reader = FlashReader(bundle.ffn_path, threads=threads)
     stats = RuntimeStats(io=reader.counters)
-    blocks = BlockSource(bundle, reader) if mode == "naive" else None
-    for i, block in enumerate(_layers(model)):
-        if mode == "naive":
-            block.mlp = NaiveFFN(i, bundle.spec, stats, blocks)
-        else:
-            block.mlp = ResidentFFN(i, bundle.spec, stats)
-
     weights = bundle.resident_weights()
-    qcfg = config.get("quantization")
+    biases = "model.layers.0.mlp.up_bias" in weights
+    spec = bundle.spec
+    plan = Plan(mode, budget, model_bytes(bundle), bundle.resident_bytes, 0, 0)
+    runtime = FlashRuntime(bundle, mode, reader, stats, bundle.resident_bytes, overhead, plan)
+    if mode == "flash":
+        runtime.selector = chosen = make_selector(bundle, reader, weights, selector)
+        plan = runtime.plan = plan_flash(bundle, budget, chosen.kind, chosen.resident_bytes, window)
+        runtime.options = FlashOptions(
+            window=plan.window, gap=gap, bundled=bundled, masked_prompts=masked_prompts, parts=record_parts_spans(spec)
+        )
+    blocks = BlockSource(bundle, reader) if mode != "resident" else None
+    for i, block in enumerate(_layers(model)):
+        if mode == "flash":
+            block.mlp = FlashFFN(
+                i, spec, stats, blocks, reader, runtime.selector, plan.capacity, runtime.options, biases
+            )
+            runtime.ffns.append(block.mlp)
+        elif mode == "naive":
+            block.mlp = NaiveFFN(i, spec, stats, blocks, biases)
+        else:
+            block.mlp = ResidentFFN(i, spec, stats, biases)
+    _load_resident(model, bundle, {k: v for k, v in weights.items() if ".mlp.predictor." not in k})
+    if mode == "resident":
+        _load_all_records(bundle, reader, model)
+        runtime.resident_bytes += spec.ffn_bytes
+    elif mode == "flash":
+        runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
+    model.eval()
+    model.flash = runtime
+    eos = config.get("eos_token_id")
+    tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    return model, tokenizer
+
+
+def _load_resident(model: nn.Module, bundle: Bundle, weights: dict) -> None:
+    qcfg = bundle.config.get("quantization")
     if qcfg:
         nn.quantize(
             model,
@@ -104,20 +179,59 @@ def load_model(
     except ValueError as e:
         raise BundleError(f"{bundle.path}/resident.safetensors: does not match the config ({e})") from e
     mx.eval(model.parameters())
-    resident_bytes = bundle.resident_bytes
-    if mode == "resident":
-        _load_all_records(bundle, reader, model)
-        resident_bytes += bundle.spec.ffn_bytes
-    model.eval()
-    model.flash = FlashRuntime(bundle, mode, reader, stats, resident_bytes)
-    eos = config.get("eos_token_id")
-    tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    return model, tokenizer
 
 
-def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> None:
+def read_all_records(bundle: Bundle, reader: FlashReader) -> list[mx.array]:
+    """Every layer's records (n, R), read once through the reader."""
     spec = bundle.spec
     buffers = [aligned_buffer(spec.block_bytes(i)) for i in range(bundle.num_layers)]
     reader.read([(spec.layers[i].offset, view) for i, (_, view) in enumerate(buffers)])
-    for i, block in enumerate(_layers(model)):
-        block.mlp.set_records(buffers[i][0].reshape(spec.layers[i].neurons, spec.record.nbytes))
+    return [buf.reshape(spec.layers[i].neurons, spec.record.nbytes) for i, (buf, _) in enumerate(buffers)]
+
+
+def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> None:
+    for records, block in zip(read_all_records(bundle, reader), _layers(model)):
+        block.mlp.set_records(records)
+
+
+def make_selector(bundle: Bundle, reader: FlashReader, weights: dict, choice: str | Selector | None) -> Selector:
+    """The selector asked for, else the one recorded in the bundle."""
+    if isinstance(choice, Selector) or (choice is not None and not isinstance(choice, str)):
+        return choice
+    recorded = bundle.spec.selector or {}
+    choice = choice or recorded.get("kind")
+    if choice is None:
+        raise UsageError(
+            f"{bundle.path}: flash mode needs a selector and this bundle has no predictors; train them with "
+            "`python tools/train_predictors.py BUNDLE --text FILE`, or pass --selector gate (gated FFNs) or all"
+        )
+    if choice not in SELECTORS:
+        raise UsageError(f"selector {choice!r}: expected one of {', '.join(SELECTORS)}")
+    spec = bundle.spec
+    if choice == "all":
+        return AllSelector([b.neurons for b in spec.layers])
+    if choice == "predictor":
+        if "predictor_threshold" not in recorded or predictor_prefix(0) + "a.weight" not in weights:
+            raise UsageError(
+                f"{bundle.path}: no predictors in this bundle; train them with `python tools/train_predictors.py {bundle.path} --text FILE`"
+            )
+        return PredictorSelector(weights, recorded["predictor_threshold"])
+    if not spec.gated:
+        raise UsageError(f"{bundle.path}: the gate selector needs a gated (SwiGLU) FFN")
+    if "gate_threshold" not in recorded:
+        raise UsageError(
+            f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} --text FILE`"
+        )
+    return GateSelector(
+        gate_rows(bundle, read_all_records(bundle, reader)), spec.quantization, recorded["gate_threshold"]
+    )
+
+
+def record_parts_spans(spec) -> list[tuple[int, int]]:
+    """(offset, bytes) of the gate, up and down parts of a record (for the unbundled ablation)."""
+    spans = {}
+    for f in spec.record.fields:
+        part = f.name.split(".")[0]
+        lo, hi = spans.get(part, (f.offset, f.offset))
+        spans[part] = (min(lo, f.offset), max(hi, f.offset + f.nbytes))
+    return [(lo, hi - lo) for lo, hi in spans.values()]

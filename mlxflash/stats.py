@@ -1,4 +1,4 @@
-"""Runtime counters (I/O, memory management) and the per-token statistics built from them."""
+"""Runtime counters (I/O, memory management, neuron cache) and the per-token statistics built from them."""
 
 from __future__ import annotations
 
@@ -14,16 +14,36 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # macOS: no /proc; the peak is the best cheap figure
+        return peak_rss_bytes()
+
+
 @dataclass
 class RuntimeStats:
-    """Counters the FFN modules add to while a token is computed."""
+    """Counters the FFN modules add to while tokens are computed (decode steps only for the cache)."""
 
     io: IOCounters = field(default_factory=IOCounters)
     mem_seconds: float = 0.0
+    selected: int = 0  # neurons selected, summed over layers and decode tokens
+    loaded: int = 0  # of those, neurons not in the cache (read from flash)
+    computed: int = 0  # neurons in the cache that the FFN multiplied with
 
-    def snapshot(self) -> tuple[float, float, int, int]:
+    def snapshot(self) -> dict[str, float]:
         c = self.io
-        return c.seconds, self.mem_seconds, c.bytes_read, c.bytes_transferred
+        return {
+            "io_s": c.seconds,
+            "mem_s": self.mem_seconds,
+            "bytes_read": c.bytes_read,
+            "bytes_transferred": c.bytes_transferred,
+            "reads": c.reads,
+            "selected": self.selected,
+            "loaded": self.loaded,
+            "computed": self.computed,
+        }
 
 
 @dataclass
@@ -36,37 +56,45 @@ class TokenStats:
     resident_bytes: int
     direct_io: bool
     io_note: str
+    neurons: int = 0  # FFN neurons of the model, all layers
     prompt_tokens: int = 0
     prefill_s: float = 0.0
     tokens: int = 0
     decode_s: float = 0.0
-    io_s: float = 0.0
-    mem_s: float = 0.0
-    bytes_read: int = 0
-    bytes_transferred: int = 0
+    totals: dict = field(default_factory=dict)  # RuntimeStats.snapshot differences over the decode steps
     extra: dict = field(default_factory=dict)
 
-    def _per_token(self, total: float) -> float:
-        return total / self.tokens if self.tokens else 0.0
-
     def as_dict(self) -> dict:
-        per = self._per_token
-        return {
+        n = self.tokens or 1
+        t = self.totals
+        io_s, mem_s = t.get("io_s", 0.0), t.get("mem_s", 0.0)
+        out = {
             "mode": self.mode,
             "prompt_tokens": self.prompt_tokens,
             "prefill_s": self.prefill_s,
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / self.decode_s if self.decode_s else 0.0,
-            "ms_per_token": 1e3 * per(self.decode_s),
-            "io_ms_per_token": 1e3 * per(self.io_s),
-            "mem_ms_per_token": 1e3 * per(self.mem_s),
-            "compute_ms_per_token": 1e3 * per(self.decode_s - self.io_s - self.mem_s),
-            "bytes_read_per_token": per(self.bytes_read),
-            "bytes_transferred_per_token": per(self.bytes_transferred),
+            "ms_per_token": 1e3 * self.decode_s / n,
+            "io_ms_per_token": 1e3 * io_s / n,
+            "mem_ms_per_token": 1e3 * mem_s / n,
+            "compute_ms_per_token": 1e3 * (self.decode_s - io_s - mem_s) / n,
+            "bytes_read_per_token": t.get("bytes_read", 0) / n,
+            "bytes_transferred_per_token": t.get("bytes_transferred", 0) / n,
+            "reads_per_token": t.get("reads", 0) / n,
             "ffn_bytes": self.ffn_bytes,
             "resident_bytes": self.resident_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
             "direct_io": self.direct_io,
             "io_note": self.io_note,
-            **self.extra,
         }
+        if self.mode == "flash" and self.neurons:
+            selected = t.get("selected", 0)
+            out.update(
+                selected_density=selected / (n * self.neurons),
+                computed_density=t.get("computed", 0) / (n * self.neurons),
+                new_neurons_per_token=t.get("loaded", 0) / n,
+                new_density=t.get("loaded", 0) / (n * self.neurons),
+                cache_hit_rate=1 - t.get("loaded", 0) / selected if selected else 0.0,
+            )
+        out.update(self.extra)
+        return out

@@ -98,7 +98,9 @@ class Trace:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{path}: trace format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+                raise ValueError(
+                    f"{path}: trace format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+                )
             widths = meta.pop("widths")
             indptr = [z[f"indptr_{i}"] for i in range(len(widths))]
             ids = [z[f"ids_{i}"] for i in range(len(widths))]
@@ -161,13 +163,16 @@ class TraceSelector:
     them as the module docstring says. The trace loops when it runs out of tokens.
     """
 
-    def __init__(self, trace: Trace, num_layers: int | None = None, width: int | Sequence[int] | None = None, seed: int = 0):
+    def __init__(
+        self, trace: Trace, num_layers: int | None = None, width: int | Sequence[int] | None = None, seed: int = 0
+    ):
         self.trace = trace
         self.num_layers = num_layers or trace.num_layers
         self._src_layer = [trace_layer(i, self.num_layers, trace.num_layers) for i in range(self.num_layers)]
         widths = width if isinstance(width, Sequence) else [width] * self.num_layers
         self._mappers = [
-            WidthMapper(trace.widths[s], w or trace.widths[s], seed + i) for i, (s, w) in enumerate(zip(self._src_layer, widths))
+            WidthMapper(trace.widths[s], w or trace.widths[s], seed + i)
+            for i, (s, w) in enumerate(zip(self._src_layer, widths))
         ]
         self.token = 0
 

@@ -1,0 +1,161 @@
+"""The memory plan: from a DRAM budget, what stays resident, the window size and the cache capacities.
+
+Fixed in DRAM: resident.safetensors (embeddings, attention, norms, LM head, predictors, FFN biases and
+group scales), what the selector keeps (the gate rows for the exact gate selector) and one layer's FFN
+block for prompt processing. The rest of the budget is the neuron cache, split evenly over layers.
+The window k is the largest whose expected union of selections (measured when the predictors were
+trained) fits a layer's cache. Not in the budget: the KV cache and the runtime itself (Python, MLX,
+tokenizer), reported as the fixed overhead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .bundle import Bundle
+from .errors import UsageError
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+    "TB": 1e12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+MAX_WINDOW = 8
+
+
+def parse_memory(text: str | int | float, model_bytes: int) -> int:
+    """'4GB', '512MiB', '75%' (of the model) or a number of bytes -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kKmMgGtT]?[iI]?[bB]?)\s*", text)
+    if not m:
+        raise UsageError(f"--memory {text!r}: expected a size like 4GB, 512MiB or a share of the model like 50%")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    if unit == "%":
+        return int(model_bytes * value / 100)
+    unit = unit if unit.endswith("B") or not unit else unit + "B"
+    if unit not in _UNITS:
+        raise UsageError(f"--memory {text!r}: unknown unit {m.group(2)!r}")
+    return int(value * _UNITS[unit])
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@dataclass
+class Plan:
+    mode: str
+    budget: int | None
+    model_bytes: int
+    resident_bytes: int  # resident.safetensors
+    selector_bytes: int  # what the selector keeps beyond resident.safetensors (gate rows)
+    prompt_buffer_bytes: int
+    capacity: int = 0  # neuron records cached per layer
+    neurons: int = 0  # FFN width
+    window: int = 0
+    record_bytes: int = 0
+    layers: int = 0
+    selector: str = ""
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.capacity * self.record_bytes * self.layers
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes + self.cache_bytes
+
+    def describe(self) -> str:
+        budget = (
+            f"budget {_mb(self.budget)} ({100 * self.budget / self.model_bytes:.0f}% of the {_mb(self.model_bytes)} model)"
+            if self.budget
+            else "no budget"
+        )
+        if self.mode != "flash":
+            return (
+                f"memory plan: {budget} -> {self.mode} mode ({_mb(self.model_bytes)} in memory)"
+                if self.mode == "resident"
+                else f"memory plan: {budget} -> {self.mode} mode"
+            )
+        lines = [
+            f"memory plan: {budget} -> flash mode, {_mb(self.planned_bytes)} planned",
+            f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head, predictors",
+            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; prompt buffer {_mb(self.prompt_buffer_bytes)} (one FFN block)",
+            f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
+            f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}",
+            f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
+        ]
+        return "\n".join(lines)
+
+
+def model_bytes(bundle: Bundle) -> int:
+    return bundle.resident_bytes + bundle.spec.ffn_bytes
+
+
+def choose_mode(bundle: Bundle, mode: str | None, memory) -> tuple[str, int | None]:
+    total = model_bytes(bundle)
+    budget = parse_memory(memory, total) if memory is not None else None
+    if mode is None:
+        mode = "flash" if budget is not None and budget < total else "resident"
+    if mode == "resident" and budget is not None and budget < total:
+        raise UsageError(
+            f"resident mode needs the whole model ({_mb(total)}) but --memory allows {_mb(budget)}; use --mode flash"
+        )
+    return mode, budget
+
+
+def plan_flash(
+    bundle: Bundle, budget: int | None, selector: str, selector_bytes: int, window: int | None = None
+) -> Plan:
+    """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN)."""
+    spec = bundle.spec
+    n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
+    prompt_buffer = max(spec.block_bytes(i) for i in range(layers))
+    plan = Plan(
+        "flash",
+        budget,
+        model_bytes(bundle),
+        bundle.resident_bytes,
+        selector_bytes,
+        prompt_buffer,
+        neurons=n,
+        record_bytes=R,
+        layers=layers,
+        selector=selector,
+    )
+    stats = spec.selector or {}
+    density = 1.0 if selector == "all" else stats.get("density", 0.0)
+    union = stats.get("window_union") or []  # expected union share of n for windows 1..len
+    if budget is None:
+        plan.capacity = n
+    else:
+        fixed = plan.resident_bytes + selector_bytes + prompt_buffer
+        plan.capacity = min(n, max(0, (budget - fixed) // (layers * R)))
+        need = max(1, int(n * max(density, union[0] if union else 0.0)))
+        if plan.capacity < need:
+            raise UsageError(
+                f"--memory {_mb(budget)} is too small: {_mb(fixed)} must stay resident (weights "
+                f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, prompt buffer {_mb(prompt_buffer)}) and "
+                f"the cache needs at least {_mb(need * layers * R)} for one token's neurons; "
+                f"the smallest workable budget is about {_mb(fixed + need * layers * R)}"
+            )
+    plan.window = window or _largest_window(plan.capacity, n, union, density)
+    return plan
+
+
+def _largest_window(capacity: int, n: int, union: list[float], density: float) -> int:
+    if union:
+        fits = [k + 1 for k, share in enumerate(union) if share * n <= capacity]
+        return max(fits) if fits else 1
+    if density > 0:  # no measurements: assume no overlap between tokens, the worst case
+        return max(1, min(MAX_WINDOW, int(capacity / (density * n))))
+    return 4

@@ -1,0 +1,126 @@
+"""Selectors: which FFN neurons a token needs, per layer.
+
+One interface: `select(layer, x)` takes the FFN inputs x (T, d) and returns a boolean mask (T, n), lazily
+(an MLX expression), so decode (T = 1) and masked evaluation (T tokens at once) share it.
+
+- `PredictorSelector`: the paper's low-rank predictor `sigmoid(B(A x)) > threshold`, per layer, trained by
+  `tools/train_predictors.py` (ReLU FFNs: the non-zero neurons; gated FFNs: the exact gate set).
+- `GateSelector`: gated FFNs (SwiGLU) only; keeps the gate rows resident and selects the neurons whose
+  |silu(gate . x)| passes a per-layer threshold calibrated for a target density (or the top k). Exact
+  for that criterion, at the DRAM cost of the gate (a third of the FFN).
+- `AllSelector`: every neuron (flash then equals dense). `OracleSelector`: the true non-zero set of a
+  ReLU FFN, computed from all weights (tests and measurements only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .bundle import Bundle
+from .errors import UsageError
+
+PREDICTOR_KEYS = ("a.weight", "b.weight", "b.bias")
+
+
+def predictor_prefix(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.predictor."
+
+
+class Selector:
+    """Base class; `resident_bytes` is the DRAM the selector itself keeps."""
+
+    kind = "base"
+    resident_bytes = 0
+
+    def select(self, layer: int, x: mx.array) -> mx.array:
+        raise NotImplementedError
+
+
+class AllSelector(Selector):
+    kind = "all"
+
+    def __init__(self, neurons: list[int]):
+        self.neurons = neurons
+
+    def select(self, layer: int, x: mx.array) -> mx.array:
+        return mx.ones((*x.shape[:-1], self.neurons[layer]), dtype=mx.bool_)
+
+
+class PredictorSelector(Selector):
+    kind = "predictor"
+
+    def __init__(self, weights: dict[str, mx.array], thresholds: list[float]):
+        layers = len(thresholds)
+        self.a = [weights[predictor_prefix(i) + "a.weight"] for i in range(layers)]  # (r, d)
+        self.b = [weights[predictor_prefix(i) + "b.weight"] for i in range(layers)]  # (n, r)
+        self.bias = [weights[predictor_prefix(i) + "b.bias"] for i in range(layers)]  # (n,)
+        # sigmoid(z) > t  <=>  z > logit(t): no sigmoid at run time
+        self.logit = [math.log(t / (1 - t)) for t in thresholds]
+        self.resident_bytes = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c in zip(self.a, self.b, self.bias))
+
+    def scores(self, layer: int, x: mx.array) -> mx.array:
+        """Pre-sigmoid scores (T, n)."""
+        return (x.astype(self.a[layer].dtype) @ self.a[layer].T) @ self.b[layer].T + self.bias[layer]
+
+    def select(self, layer: int, x: mx.array) -> mx.array:
+        return self.scores(layer, x) > self.logit[layer]
+
+
+class GateSelector(Selector):
+    kind = "gate"
+
+    def __init__(
+        self, gates: list[tuple], quantization: dict | None, thresholds: list[float] | None, top_k: int | None = None
+    ):
+        self.gates, self.q = gates, quantization
+        self.thresholds, self.top_k = thresholds, top_k
+        self.resident_bytes = sum(sum(a.nbytes for a in g) for g in gates)
+
+    def magnitude(self, layer: int, x: mx.array) -> mx.array:
+        """|silu(gate . x)| for every neuron: (T, n)."""
+        g = self.gates[layer]
+        if self.q:
+            gate = mx.quantized_matmul(x, *g, transpose=True, **self.q["gate"])
+        else:
+            gate = x @ g[0].T
+        return mx.abs(nn.silu(gate))
+
+    def select(self, layer: int, x: mx.array) -> mx.array:
+        m = self.magnitude(layer, x)
+        if self.top_k:
+            kth = mx.sort(m, axis=-1)[..., -self.top_k][..., None]
+            return m >= kth
+        return m > self.thresholds[layer]
+
+
+class OracleSelector(Selector):
+    """The exact non-zero set of a ReLU FFN (plain or gated), from the full weights."""
+
+    kind = "oracle"
+
+    def __init__(self, ffn_weights: list[dict], activation_is_relu: bool, gated: bool):
+        if not activation_is_relu:
+            raise UsageError("the oracle selector needs a ReLU FFN (a SwiGLU neuron is never exactly zero)")
+        self.w, self.gated = ffn_weights, gated
+
+    def select(self, layer: int, x: mx.array) -> mx.array:
+        w = self.w[layer]
+        pre = x @ (w["gate"] if self.gated else w["up"]).T
+        if not self.gated and "up_bias" in w:
+            pre = pre + w["up_bias"]
+        return pre > 0
+
+
+def gate_rows(bundle: Bundle, records: list[mx.array]) -> list[tuple]:
+    """The gate parts of every layer's records, copied out contiguous (resident for GateSelector)."""
+    layout = bundle.spec.record
+    names = [n for n in ("gate.weight", "gate.scales", "gate.biases") if n in layout.names()]
+    gates = []
+    for r in records:
+        g = tuple(mx.contiguous(layout.view(r, n)) for n in names)
+        mx.eval(g)
+        gates.append(g)
+    return gates
