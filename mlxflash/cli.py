@@ -95,13 +95,15 @@ def _generate(args) -> None:
         verify=not args.no_verify,
         threads=args.threads,
     )
+    prompt = encode_prompt(tokenizer, _chat_prompt(tokenizer, args))
+    check_prompt(model.flash.context_length, prompt, args.max_tokens)
     print(model.flash.plan.describe(), file=sys.stderr)
     stats = None
     try:
         for r in stream_generate(
             model,
             tokenizer,
-            _chat_prompt(tokenizer, args),
+            prompt,
             max_tokens=args.max_tokens,
             temp=args.temp,
             top_p=args.top_p,
