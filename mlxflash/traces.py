@@ -159,9 +159,13 @@ class TraceSelector:
 
     `select(layer, x)` returns the sorted int32 ids for the current token at `layer` (x is ignored);
     after the model's last layer the selector advances one token. `reset()` goes back to token 0.
-    `num_layers` / `width` (int or per-layer list) describe the model: the trace is mapped onto
-    them as the module docstring says. The trace loops when it runs out of tokens.
+    When x holds T > 1 rows (a prompt), it returns a boolean mask (T, n) of T successive trace tokens
+    and advances T. `num_layers` / `width` (int or per-layer list) describe the model: the trace is
+    mapped onto them as the module docstring says. The trace loops when it runs out of tokens.
     """
+
+    kind = "trace"
+    resident_bytes = 0  # keeps nothing in DRAM beyond the trace itself
 
     def __init__(
         self, trace: Trace, num_layers: int | None = None, width: int | Sequence[int] | None = None, seed: int = 0
@@ -179,12 +183,28 @@ class TraceSelector:
     def reset(self) -> None:
         self.token = 0
 
-    def select(self, layer: int, x=None) -> np.ndarray:
+    def ids(self, layer: int, t: int) -> np.ndarray:
+        """Sorted int32 ids of token t (looping) at model layer `layer`."""
         src = self._src_layer[layer]
-        ids = self._mappers[layer](self.trace.token(src, self.token % self.trace.num_tokens))
+        return self._mappers[layer](self.trace.token(src, t % self.trace.num_tokens))
+
+    def select(self, layer: int, x=None) -> np.ndarray:
+        rows = _rows(x)
+        if rows <= 1:
+            out = self.ids(layer, self.token)
+        else:
+            out = np.zeros((rows, self._mappers[layer].m), dtype=np.bool_)
+            for r in range(rows):
+                out[r, self.ids(layer, self.token + r)] = True
         if layer == self.num_layers - 1:
-            self.token += 1
-        return ids
+            self.token += max(rows, 1)
+        return out
+
+
+def _rows(x) -> int:
+    """Tokens in an FFN input (..., d); 1 when unknown."""
+    shape = getattr(x, "shape", None)
+    return int(np.prod(shape[:-1])) if shape is not None and len(shape) > 1 else 1
 
 
 class RecordingSelector:

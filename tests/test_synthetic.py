@@ -18,13 +18,31 @@ import make_synthetic  # noqa: E402
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_synthetic.py"), *args], capture_output=True, text=True
+    )
 
 
 def test_cli_tiny_opt_custom_shape(tmp_path):
     out = tmp_path / "opt"
-    r = run_tool("--shape", "opt-125m", "--layers", "2", "--hidden-size", "64", "--ffn-size", "256",
-                 "--heads", "4", "--vocab-size", "300", "--rank", "16", "--out", str(out))
+    r = run_tool(
+        "--shape",
+        "opt-125m",
+        "--layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--ffn-size",
+        "256",
+        "--heads",
+        "4",
+        "--vocab-size",
+        "300",
+        "--rank",
+        "16",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     b = Bundle.open(out, verify=True)
     cfg = json.loads((out / "config.json").read_text())
@@ -32,7 +50,9 @@ def test_cli_tiny_opt_custom_shape(tmp_path):
     assert cfg["synthetic"]["full_layers"] == 12
     assert b.num_layers == 2 and not b.spec.gated and b.spec.activation == "relu"
     assert b.spec.dtype == "float16"
-    assert b.spec.selector == {"kind": "predictor", "rank": [16, 16], "threshold": [0.5, 0.5]}
+    sel = b.spec.selector
+    assert sel["kind"] == "predictor" and sel["rank"] == [16, 16] and sel["predictor_threshold"] == [0.5, 0.5]
+    assert 0.09 < sel["density"] < 0.11 and len(sel["window_union"]) == 8
     w = b.resident_weights()
     assert w["model.embed_positions.weight"].shape == (2048 + 2, 64)
     assert w["model.layers.1.mlp.predictor.b.weight"].shape == (256, 16)
@@ -43,8 +63,9 @@ def test_cli_tiny_opt_custom_shape(tmp_path):
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_tiny_llama(tmp_path, bits):
-    out = make_synthetic.make_synthetic("tiny-llama", tmp_path / "l", dtype="float32", bits=bits,
-                                        group_size=32, rank=0, progress=False)
+    out = make_synthetic.make_synthetic(
+        "tiny-llama", tmp_path / "l", dtype="float32", bits=bits, group_size=32, rank=0, progress=False
+    )
     b = Bundle.open(out, verify=True)
     assert b.spec.gated and b.spec.selector is None and b.spec.intermediate_size == 128
     assert (b.spec.quantization is not None) == (bits is not None)

@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     costmodel.make_scratch(args.file, size)
     try:
         curve = costmodel.probe(
-            args.file, chunks, threads, args.min_seconds, args.repeats,
+            args.file,
+            chunks,
+            threads,
+            args.min_seconds,
+            args.repeats,
             progress=lambda c, t, g: print(f"  {c >> 10:5d} KiB x {t:2d}: {g:.3f} GB/s", file=sys.stderr),
         )
     finally:
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsequential (1 MiB requests, contiguous 1 GiB): {curve.sequential_gbps:.2f} GB/s")
     for rec in (16384, 32768, 65536):
         plan = costmodel.plan_io(curve, rec)
-        print(f"plan for {rec >> 10} KiB reads: {plan.threads} threads, {plan.gbps:.2f} GB/s, gap {plan.gap_bytes >> 10} KiB")
+        print(
+            f"plan for {rec >> 10} KiB reads: {plan.threads} threads, {plan.gbps:.2f} GB/s, gap {plan.gap_bytes >> 10} KiB"
+        )
     print(f"saved {args.out}")
     return 0
 

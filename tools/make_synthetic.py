@@ -30,9 +30,24 @@ SHAPES = {
     "opt-1.3b": {"family": "opt", "d": 2048, "ffn": 8192, "layers": 24, "heads": 32, "vocab": 50272, "max_pos": 2048},
     "opt-125m": {"family": "opt", "d": 768, "ffn": 3072, "layers": 12, "heads": 12, "vocab": 50272, "max_pos": 2048},
     "tiny-opt": {"family": "opt", "d": 64, "ffn": 256, "layers": 2, "heads": 4, "vocab": 256, "max_pos": 96},
-    "llama-2-7b": {"family": "llama", "d": 4096, "ffn": 11008, "layers": 32, "heads": 32, "vocab": 32000, "max_pos": 4096},
+    "llama-2-7b": {
+        "family": "llama",
+        "d": 4096,
+        "ffn": 11008,
+        "layers": 32,
+        "heads": 32,
+        "vocab": 32000,
+        "max_pos": 4096,
+    },
     "smollm2-135m": {
-        "family": "llama", "d": 576, "ffn": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152, "max_pos": 8192,
+        "family": "llama",
+        "d": 576,
+        "ffn": 1536,
+        "layers": 30,
+        "heads": 9,
+        "kv_heads": 3,
+        "vocab": 49152,
+        "max_pos": 8192,
     },
     "tiny-llama": {"family": "llama", "d": 64, "ffn": 128, "layers": 2, "heads": 4, "vocab": 256, "max_pos": 96},
 }
@@ -168,6 +183,24 @@ def ffn_layers(s: dict, layers: int, r: Rand, bits: int | None, group_size: int)
         yield layer
 
 
+def predictor_section(s: dict, layers: int, rank: int) -> dict:
+    """The bundle's selector record. Random predictors select nothing meaningful, so the statistics the
+    planner sizes the cache from (density, expected window union for k = 1..8) are those of the
+    paper-calibrated trace (mlxflash.traces.PAPER_PARAMS) that benchmarks replay."""
+    from mlxflash import traces
+
+    stats = traces.window_stats(traces.generate_trace([s["ffn"]], tokens=48), max_window=8)
+    return {
+        "kind": "predictor",
+        "rank": [rank] * layers,
+        "threshold": [0.5] * layers,
+        "predictor_threshold": [0.5] * layers,  # the key mlxflash.model reads
+        "density": stats["density"],
+        "window_union": stats["union_mean"],
+        "source": "synthetic: random predictors; statistics of the paper-calibrated trace",
+    }
+
+
 def byte_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level BPE with one token per byte: enough for `mlxflash.load` to run the bundle."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -200,17 +233,26 @@ def make_synthetic(
         config, resident = opt_config(s, layers), opt_resident(s, layers, r)
     else:
         config, resident = llama_config(s, layers), llama_resident(s, layers, r)
-    config["synthetic"] = {"shape": shape if isinstance(shape, str) else "custom", "full_layers": s["layers"], "seed": seed}
+    config["synthetic"] = {
+        "shape": shape if isinstance(shape, str) else "custom",
+        "full_layers": s["layers"],
+        "seed": seed,
+    }
     selector = None
     rank = min(rank, s["d"])
     if rank > 0:
         resident.update(predictors(s, layers, rank, r))
-        selector = {"kind": "predictor", "rank": [rank] * layers, "threshold": [0.5] * layers}
+        selector = predictor_section(s, layers, rank)
     with tempfile.TemporaryDirectory(prefix="mlxflash-synth-tok-") as tok:
         byte_tokenizer(Path(tok), s["vocab"])
         return write_bundle(
-            out, config, resident, ffn_layers(s, layers, r, bits, group_size), selector=selector,
-            tokenizer_dir=Path(tok), progress=progress,
+            out,
+            config,
+            resident,
+            ffn_layers(s, layers, r, bits, group_size),
+            selector=selector,
+            tokenizer_dir=Path(tok),
+            progress=progress,
         )
 
 
@@ -230,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     s = dict(SHAPES[args.shape])
-    for key, value in (("d", args.hidden_size), ("ffn", args.ffn_size), ("heads", args.heads), ("vocab", args.vocab_size)):
+    for key, value in (
+        ("d", args.hidden_size),
+        ("ffn", args.ffn_size),
+        ("heads", args.heads),
+        ("vocab", args.vocab_size),
+    ):
         if value:
             s[key] = value
     shape = args.shape if s == SHAPES[args.shape] else s
