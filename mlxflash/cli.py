@@ -84,6 +84,7 @@ def format_stats(s: dict) -> str:
 def _generate(args) -> None:
     from . import load
     from .generate import check_prompt, encode_prompt, stream_generate
+    from .report import load_report
 
     _check_generate_args(args)
     model, tokenizer = load(
@@ -97,7 +98,7 @@ def _generate(args) -> None:
     )
     prompt = encode_prompt(tokenizer, _chat_prompt(tokenizer, args))
     check_prompt(model.flash.context_length, prompt, args.max_tokens)
-    print(model.flash.plan.describe(), file=sys.stderr)
+    print(load_report(model), file=sys.stderr)
     stats = None
     try:
         for r in stream_generate(
@@ -129,11 +130,20 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _add_frontends(sub) -> None:
+    from .chat import add_chat
+    from .server import add_serve
+
+    add_serve(sub)
+    add_chat(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxflash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_frontends(sub)
     args = parser.parse_args(argv)
     # transformers' advice (no PyTorch, long sequences) is noise here; our own errors say what matters.
     from transformers.utils import logging as hf_logging

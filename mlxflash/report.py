@@ -1,0 +1,58 @@
+"""The memory-fit report every front end prints at load: what is resident, what streams, the budget."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.nn as nn
+
+MB = 1e6
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine, if the OS says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token of context costs (all layers, keys and values)."""
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config.get("num_hidden_layers", 0) * kv_heads * head_dim * dtype_bytes
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / MB:.1f} MB"
+
+
+def _placement(rt) -> str:
+    """Where the bytes are, for the modes whose plan says it in one line (resident, naive)."""
+    dense, ffn = rt.bundle.resident_bytes, rt.ffn_bytes
+    where = f"  in memory: {_mb(dense)} embeddings, attention, norms, LM head"
+    if rt.mode == "resident":
+        return f"{where} + {_mb(ffn)} FFN; streams: nothing"
+    return f"{where}; streams: the whole FFN, {_mb(ffn)} from {rt.bundle.ffn_path.name}, every layer at every token"
+
+
+def load_report(model: nn.Module) -> str:
+    """A few lines saying where the model's bytes live (memory or flash), the budget, the KV cache."""
+    rt = model.flash
+    bundle = rt.bundle
+    name = os.path.basename(os.path.normpath(str(bundle.path)))
+    context = rt.context_length
+    lines = [f"mlxflash: {name}: {bundle.num_layers} layers" + (f", context {context} tokens" if context else "")]
+    plan = getattr(rt, "plan", None)
+    if plan is not None:
+        lines.append(plan.describe())
+    if plan is None or rt.mode != "flash":
+        lines.append(_placement(rt))
+    kv = kv_bytes_per_token(bundle.config)
+    full = f" ({_mb(kv * context)} at the full {context})" if context else ""
+    lines.append(f"  KV cache (outside the budget): {_mb(kv * 1024)} per 1k tokens{full}")
+    ram = machine_memory_bytes()
+    lines.append(f"  resident at load: {_mb(rt.resident_bytes)}" + (f"; machine memory {_mb(ram)}" if ram else ""))
+    return "\n".join(lines)
