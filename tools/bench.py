@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxflash import costmodel
-from mlxflash.bundle import Bundle
+from mlxflash.bundle import Bundle, mx_dtype
 from mlxflash.ffn import ACTIVATIONS, transpose_packed
 from mlxflash.reader import FlashReader, aligned_buffer
 
@@ -123,17 +124,19 @@ def resolve_budget(bundle: Bundle, memory: str) -> Budget:
 
 
 def blas_in_use() -> str:
-    """The BLAS library mapped into this process (after importing MLX)."""
+    """The BLAS MLX's matrix products resolve to: an LD_PRELOADed library wins over MLX's own."""
     mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if re.search(r"blas", p, re.I)]
+    if preload:
+        return f"{preload[0]} (LD_PRELOAD)"
+    if sys.platform == "darwin":
+        return "Accelerate (macOS)"
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return "Accelerate (macOS)" if sys.platform == "darwin" else "unknown"
-    libs = sorted(
-        {Path(line.split()[-1]).name for line in maps.splitlines() if re.search(r"blas|mkl|accelerate", line, re.I)}
-    )
-    note = " (LD_PRELOAD)" if os.environ.get("LD_PRELOAD") else ""
-    return (", ".join(libs) or "none found") + note
+        return "unknown"
+    mlx_libs = {Path(line.split()[-1]).name for line in maps.splitlines() if "/mlx" in line and "blas" in line.lower()}
+    return ", ".join(sorted(mlx_libs)) + " (bundled with MLX; reference BLAS)" if mlx_libs else "unknown"
 
 
 def cpu_name() -> str:
@@ -255,6 +258,65 @@ class Streamer:
         return self.buf[:n].reshape(hi - lo, R)
 
 
+def scatter_ok(layout) -> bool:
+    """Records are their fields back to back, each a whole number of 4 KiB pages (float bundles)."""
+    offsets = [f.offset for f in layout.fields]
+    ends = [f.offset + f.nbytes for f in layout.fields]
+    pages = all(f.offset % 4096 == 0 and f.nbytes % 4096 == 0 for f in layout.fields)
+    return pages and offsets[0] == 0 and offsets[1:] == ends[:-1] and ends[-1] == layout.nbytes
+
+
+class FieldBuffers:
+    """Per record field, one contiguous aligned matrix (rows, count): MLX array + numpy bytes, shared."""
+
+    def __init__(self, layout, rows: int):
+        self.mx, self.np = {}, {}
+        for f in layout.fields:
+            buf, view = aligned_buffer(max(rows * f.nbytes, 1))
+            self.mx[f.name] = _eval(buf.view(mx_dtype(f.dtype)).reshape(rows, f.count))
+            self.np[f.name] = view.reshape(rows, f.nbytes)
+        self.nbytes = rows * layout.nbytes
+
+    def weights(self, m: int) -> dict[str, mx.array]:
+        return {name: a[:m] for name, a in self.mx.items()}
+
+
+class ScatterStreamer:
+    """Reads record ranges with one preadv per ~1 MiB whose iovecs scatter each record's fields into
+    FieldBuffers: the dense layout arrives with no copy (the naive baseline at the disk's best)."""
+
+    def __init__(self, bundle: Bundle, threads: int, rows: int):
+        self.bundle, self.layout = bundle, bundle.spec.record
+        self.reader = FlashReader(bundle.ffn_path, threads=threads)  # opens O_DIRECT (or says why not)
+        self.fields = FieldBuffers(self.layout, rows)
+        self.pool = ThreadPoolExecutor(threads)
+        self.per_request = max(1, min((1 << 20) // self.layout.nbytes, 1000 // len(self.layout.fields)))
+
+    def read(self, layer: int, lo: int, hi: int, clock: Clock) -> dict[str, mx.array]:
+        R, base = self.layout.nbytes, self.bundle.spec.layers[layer].offset
+        requests = [(a, min(a + self.per_request, hi - lo)) for a in range(0, hi - lo, self.per_request)]
+        threads = self.reader.threads
+        batches = [requests[i::threads] for i in range(min(threads, len(requests)))]
+        start = base + lo * R
+        timed(clock, "io", lambda: list(self.pool.map(lambda b: self._batch(start, b), batches)))
+        clock.bytes += (hi - lo) * R
+        clock.reads += len(requests)
+        return self.fields.weights(hi - lo)
+
+    def _batch(self, start: int, batch: list[tuple[int, int]]) -> None:
+        names = [f.name for f in self.layout.fields]
+        R = self.layout.nbytes
+        for a, b in batch:
+            iov = [self.fields.np[name][i] for i in range(a, b) for name in names]
+            got = os.preadv(self.reader.fd, iov, start + a * R)
+            if got != (b - a) * R:
+                raise OSError(f"short read: {got} of {(b - a) * R} bytes")
+
+    @property
+    def io_note(self) -> str:
+        return self.reader.io_note + ", fields scattered by preadv"
+
+
 class BaselineDriver:
     """naive, hybrid and resident: `keep[l]` neurons of layer l resident, the rest streamed."""
 
@@ -264,7 +326,12 @@ class BaselineDriver:
         self.keep = keep
         R = spec.record.nbytes
         rest = [spec.layers[i].neurons - k for i, k in enumerate(keep)]
-        self.streamer = Streamer(bundle, threads, max(rest) * R) if max(rest) > 0 else None
+        self.streamer = None
+        if max(rest) > 0:
+            scatter = scatter_ok(spec.record)
+            self.streamer = (
+                ScatterStreamer(bundle, threads, max(rest)) if scatter else Streamer(bundle, threads, max(rest) * R)
+            )
         self.held = [self._load_resident(i, k) for i, k in enumerate(keep)]
         self.dram_ffn = sum(k * R for k in keep) + (max(rest) * R if max(rest) > 0 else 0)
 
@@ -281,14 +348,19 @@ class BaselineDriver:
     def layer(self, i: int, x: mx.array, clock: Clock) -> mx.array:
         n, k, m = self.bundle.spec.layers[i].neurons, self.keep[i], self.math[i]
         y = timed(clock, "compute", lambda: _eval(m(x, self.held[i], 0, k))) if k else None
-        if k < n:
+        if k < n and isinstance(self.streamer, ScatterStreamer):
+            w = self.streamer.read(i, k, n, clock)  # already in the dense layout: no memory management
+        elif k < n:
             records = self.streamer.read(i, k, n, clock)
             w = timed(clock, "mem", lambda: _eval(m.weights(records)))
+        if k < n:
             part = timed(clock, "compute", lambda: _eval(m(x, w, k, n)))
             y = part if y is None else timed(clock, "compute", lambda: _eval(y + part))
         return y
 
     def io_note(self) -> str:
+        if isinstance(self.streamer, ScatterStreamer):
+            return self.streamer.io_note
         return self.streamer.reader.io_note if self.streamer else "none (all resident)"
 
     def threads(self) -> int:
@@ -296,20 +368,30 @@ class BaselineDriver:
 
 
 class MmapDriver:
-    """ffn.bin through np.memmap: each layer's block copied out of the map (page faults = I/O)."""
+    """ffn.bin through np.memmap: each layer's block copied out of the map into the dense layout
+    (the page faults and the copy are its I/O; float bundles need no further preparation)."""
 
     def __init__(self, bundle: Bundle, resident: dict):
-        self.bundle = bundle
+        self.bundle, spec = bundle, bundle.spec
         self.map = np.memmap(bundle.ffn_path, dtype=np.uint8, mode="r")
         self.math = [LayerMath(bundle, i, resident) for i in range(bundle.num_layers)]
+        self.fields = FieldBuffers(spec.record, max(b.neurons for b in spec.layers))
+        self.dram_ffn = self.fields.nbytes
+
+    def _copy(self, layer: int) -> None:
+        spec = self.bundle.spec
+        n, R = spec.layers[layer].neurons, spec.record.nbytes
+        records = self.map[spec.layers[layer].offset : spec.layers[layer].offset + n * R].reshape(n, R)
+        for f in spec.record.fields:
+            np.copyto(self.fields.np[f.name][:n], records[:, f.offset : f.offset + f.nbytes])
 
     def layer(self, i: int, x: mx.array, clock: Clock) -> mx.array:
-        spec = self.bundle.spec
-        n, R = spec.layers[i].neurons, spec.record.nbytes
-        start = spec.layers[i].offset
-        records = timed(clock, "io", lambda: _eval(mx.array(self.map[start : start + n * R]).reshape(n, R)))
-        clock.bytes += n * R
-        w = timed(clock, "mem", lambda: _eval(self.math[i].weights(records)))
+        n = self.bundle.spec.layers[i].neurons
+        timed(clock, "io", self._copy, i)
+        clock.bytes += n * self.bundle.spec.record.nbytes
+        w = self.fields.weights(n)
+        if self.bundle.spec.quantization:  # the packed down projection is transposed back
+            w = timed(clock, "mem", lambda: _eval({**w, "down.weight": _down_t(w, self.bundle.spec.quantization)}))
         return timed(clock, "compute", lambda: _eval(self.math[i](x, w, 0, n)))
 
     def io_note(self) -> str:
@@ -317,6 +399,10 @@ class MmapDriver:
 
     def threads(self) -> int:
         return 1
+
+
+def _down_t(w: dict, q: dict) -> mx.array:
+    return transpose_packed(w["down.weight"], q["down"]["bits"])
 
 
 def flash_options(options: dict, bundle: Bundle, curve, threads: int) -> dict:
