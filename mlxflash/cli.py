@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_convert(sub)
     _add_frontends(sub)
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     # transformers' advice (no PyTorch, long sequences) is noise here; our own errors say what matters.
     from transformers.utils import logging as hf_logging
