@@ -208,27 +208,42 @@ def _rows(x) -> int:
 
 
 class RecordingSelector:
-    """Wraps any selector and records what it selects: `trace()` returns the recording."""
+    """Wraps any selector and records what it selects: `trace()` returns the recording.
+
+    The inner selector may answer with ids (one token) or a boolean mask (T, n), numpy or MLX: each
+    mask row is recorded as one token (a prompt's rows in order)."""
 
     def __init__(self, inner, num_layers: int, widths: Sequence[int], **meta):
         self.inner, self.num_layers, self.widths, self.meta = inner, num_layers, list(widths), meta
+        self.kind = f"recording:{getattr(inner, 'kind', type(inner).__name__)}"
+        self.resident_bytes = getattr(inner, "resident_bytes", 0)
         self._tokens: list[list[np.ndarray]] = []
-        self._current: list[np.ndarray] = []
+        self._current: list[list[np.ndarray]] = []  # per layer of the token(s) in flight
 
     def reset(self) -> None:
         if hasattr(self.inner, "reset"):
             self.inner.reset()
 
-    def select(self, layer: int, x) -> np.ndarray:
-        ids = self.inner.select(layer, x)
-        self._current.append(np.asarray(ids))
+    def select(self, layer: int, x):
+        out = self.inner.select(layer, x)
+        self._current.append(as_id_rows(out))
         if layer == self.num_layers - 1:
-            self._tokens.append(self._current)
+            rows = self._current
+            self._tokens += [[rows[i][t] for i in range(len(rows))] for t in range(len(rows[0]))]
             self._current = []
-        return ids
+        return out
 
     def trace(self) -> Trace:
         return Trace.from_selections(self._tokens, self.widths, **self.meta)
+
+
+def as_id_rows(selection) -> list[np.ndarray]:
+    """A selector's answer -> one sorted int32 id array per token."""
+    a = np.asarray(selection)
+    if a.dtype != np.bool_:
+        return [np.sort(a.astype(np.int32).reshape(-1))]
+    a = a.reshape(-1, a.shape[-1])
+    return [np.flatnonzero(row).astype(np.int32) for row in a]
 
 
 # ---- statistics ----

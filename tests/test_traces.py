@@ -110,3 +110,28 @@ def test_window_stats_shapes():
     assert len(s["union_mean"]) == len(s["new_mean"]) == 4
     assert all(a <= b for a, b in zip(s["union_mean"], s["union_mean"][1:]))
     assert all(a >= b for a, b in zip(s["new_mean"], s["new_mean"][1:]))
+
+
+def test_recording_selector_takes_masks():
+    class MaskSelector:
+        def select(self, layer, x):
+            m = np.zeros((2, 8), dtype=bool)
+            m[0, [1, 3]] = True
+            m[1, [layer]] = True
+            return m
+
+    rec = T.RecordingSelector(MaskSelector(), num_layers=2, widths=[8, 8])
+    for layer in range(2):
+        rec.select(layer, None)
+    got = rec.trace()
+    assert got.num_tokens == 2
+    assert got.token(0, 0).tolist() == [1, 3] and got.token(1, 1).tolist() == [1]
+
+
+def test_selector_masks_for_prompts():
+    trace = T.generate_trace([64], tokens=5)
+    sel = T.TraceSelector(trace)
+    masks = sel.select(0, np.zeros((1, 3, 16)))
+    assert masks.shape == (3, 64) and masks.dtype == np.bool_
+    assert np.flatnonzero(masks[2]).tolist() == trace.token(0, 2).tolist()
+    assert sel.token == 3

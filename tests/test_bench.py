@@ -1,0 +1,84 @@
+"""tools/bench.py on a tiny synthetic bundle: budgets, the baselines end to end, the output format."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench  # noqa: E402
+import make_synthetic  # noqa: E402
+
+from mlxflash.bundle import Bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_synthetic.make_synthetic(
+        "tiny-opt", tmp_path_factory.mktemp("b") / "opt", dtype="float32", rank=0, progress=False
+    )
+
+
+def test_parse_memory():
+    assert bench.parse_memory("50%", 1000) == 500
+    assert bench.parse_memory("2GB", 0) == 2e9
+    assert bench.parse_memory("1GiB", 0) == 2**30
+    with pytest.raises(SystemExit):
+        bench.parse_memory("lots", 0)
+
+
+def test_budget_scales_per_layer(tmp_path):
+    shape = {"family": "opt", "d": 64, "ffn": 1024, "layers": 8, "heads": 4, "vocab": 64, "max_pos": 32}
+    out = make_synthetic.make_synthetic(shape, tmp_path / "o", layers=2, dtype="float32", rank=0, progress=False)
+    b = bench.resolve_budget(Bundle.open(out, verify=False), "50%")
+    assert b.full_layers == 8 and b.layers == 2 and b.ffn_allowance > 0
+    assert b.budget_full == pytest.approx(b.model_bytes_full / 2)
+    # each layer gets what a layer of the full-depth model gets; embeddings and one buffer once
+    per_layer = (b.budget_full - b.fixed_bytes - b.once_bytes) / 8
+    assert b.budget == pytest.approx(b.fixed_bytes + b.once_bytes + 2 * per_layer)
+
+
+def test_bench_runs_baselines(tiny, tmp_path):
+    js = tmp_path / "b.json"
+    rc = bench.main(
+        [
+            str(tiny),
+            "--memory",
+            "200%",
+            "--modes",
+            "naive,hybrid,resident",
+            "--tokens",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(js),
+        ]
+    )
+    assert rc == 0
+    d = json.loads(js.read_text())
+    assert {"cpu", "blas", "dtype", "io_mode"} <= set(d["machine"])
+    modes = {m["mode"]: m for m in d["modes"]}
+    keys = {
+        "dram_bytes",
+        "bytes_per_token",
+        "read_gbps",
+        "io_ms",
+        "mem_ms",
+        "compute_ms",
+        "total_ms",
+        "speedup_vs_naive",
+        "speedup_vs_hybrid",
+    }
+    for name in ("naive", "hybrid", "resident"):
+        assert modes[name]["skipped"] is None, modes[name]
+        assert keys <= set(modes[name])
+    ffn = Bundle.open(tiny, verify=False).spec.ffn_bytes
+    assert modes["naive"]["bytes_per_token"] == ffn
+    assert modes["resident"]["bytes_per_token"] == 0
+    assert modes["naive"]["speedup_vs_naive"] == pytest.approx(1.0)
