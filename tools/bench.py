@@ -479,27 +479,32 @@ class FlashDriver:
 # ---- attention (measured once) ----
 
 
-def attention_seconds(bundle: Bundle, resident: dict, repeats: int = 5) -> float:
-    """Layer 0's attention projections x num_layers + the LM head, one token, float32 activations."""
+def _matvec(x: mx.array, resident: dict, weight: str) -> mx.array:
+    base = weight.removesuffix(".weight")
+    w = resident[weight]
+    if base + ".scales" not in resident:
+        return x @ w.T
+    scales, biases = resident[base + ".scales"], resident[base + ".biases"]
+    group = x.shape[-1] // scales.shape[-1]
+    bits = w.shape[-1] * 32 // x.shape[-1]
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group, bits=bits)
+
+
+def attention_seconds(bundle: Bundle, resident: dict, repeats: int = 5) -> tuple[float, float]:
+    """(one layer's attention projections, the LM head): layer 0's, one token, float32 activations."""
     d = bundle.spec.hidden_size
     x = mx.random.normal((1, d), key=mx.random.key(1))
     names = [k for k in resident if k.startswith("model.layers.0.self_attn.") and k.endswith(".weight")]
-    head = resident.get("lm_head.weight", resident.get("model.embed_tokens.weight"))
+    head = "lm_head.weight" if "lm_head.weight" in resident else "model.embed_tokens.weight"
 
-    def run(mats):
-        return _eval([x @ resident[k].T for k in mats])
-
-    def once() -> float:
+    def once(mats: list[str]) -> float:
         t0 = time.perf_counter()
-        run(names)
-        per_layer = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if head is not None and head.dtype not in (mx.uint32,):
-            _eval(x @ head.T)
-        return per_layer * bundle.num_layers + time.perf_counter() - t0
+        _eval([_matvec(x, resident, k) for k in mats])
+        return time.perf_counter() - t0
 
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    once(names + [head])
+    layer = statistics.median(once(names) for _ in range(repeats))
+    return layer, statistics.median(once([head]) for _ in range(repeats))
 
 
 # ---- one mode, in its own process ----
@@ -582,7 +587,8 @@ def run_mode(mode: str, args) -> ModeResult:
     d = bundle.spec.hidden_size
     xs = [mx.random.normal((1, d), key=mx.random.key(100 + i)) for i in range(bundle.num_layers)]
     mx.eval(xs)
-    attn = attention_seconds(bundle, resident)
+    attn_layer, head = attention_seconds(bundle, resident)
+    attn = attn_layer * bundle.num_layers + head
     clocks, totals = [], []
     disk0 = None
     for t in range(args.warmup + args.tokens):
@@ -596,7 +602,9 @@ def run_mode(mode: str, args) -> ModeResult:
             clocks.append(clock)
             totals.append(time.perf_counter() - t0 + attn)
     disk1 = disk_read_bytes()
-    return summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, disk1)
+    r = summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, disk1)
+    r.extra["attention_layer_ms"], r.extra["head_ms"] = 1e3 * attn_layer, 1e3 * head
+    return r
 
 
 def summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, disk1) -> ModeResult:
@@ -627,6 +635,7 @@ def summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, d
         r.read_gbps = r.bytes_per_token / io / GB if io > 0 else 0.0
     r.note = getattr(driver, "note", "")
     r.extra = driver.extra() if hasattr(driver, "extra") else {}
+    r.extra["peak_rss_bytes"] = r.peak_rss_bytes
     return r
 
 
@@ -735,6 +744,22 @@ def skip_reason(mode: str, bundle: Bundle, budget: Budget) -> str | None:
     return None
 
 
+def full_depth(r: ModeResult, budget: Budget) -> dict:
+    """The mode's per-token figures extrapolated to the real depth: the head once, per-layer costs
+    (FFN I/O, memory, compute and attention) times full_layers / layers."""
+    scale = budget.full_layers / budget.layers
+    head = r.extra.get("head_ms", 0.0)
+    return {
+        "layers": budget.full_layers,
+        "dram_bytes": budget.budget_full if r.mode != "resident" else budget.model_bytes_full,
+        "bytes_per_token": r.bytes_per_token * scale,
+        "io_ms": r.io_ms * scale,
+        "mem_ms": r.mem_ms * scale,
+        "compute_ms": head + (r.compute_ms - head) * scale,
+        "total_ms": head + (r.total_ms - head) * scale,
+    }
+
+
 def add_speedups(results: list[ModeResult]) -> None:
     base = {r.mode: r.total_ms for r in results if not r.skipped}
     for r in results:
@@ -744,6 +769,35 @@ def add_speedups(results: list[ModeResult]) -> None:
             r.speedup_vs_naive = base["naive"] / r.total_ms
         if "hybrid" in base:
             r.speedup_vs_hybrid = base["hybrid"] / r.total_ms
+
+
+def add_full_depth(results: list[ModeResult], budget: Budget) -> None:
+    done = [r for r in results if not r.skipped]
+    for r in done:
+        r.extra["full_depth"] = full_depth(r, budget)
+    base = {r.mode: r.extra["full_depth"]["total_ms"] for r in done}
+    for r in done:
+        f = r.extra["full_depth"]
+        f["speedup_vs_naive"] = base["naive"] / f["total_ms"] if "naive" in base else None
+        f["speedup_vs_hybrid"] = base["hybrid"] / f["total_ms"] if "hybrid" in base else None
+
+
+def full_table(results: list[ModeResult], budget: Budget) -> str:
+    rows = [
+        f"extrapolated to {budget.full_layers} layers (head once, per-layer costs x {budget.full_layers}/{budget.layers}):",
+        "",
+        "| mode | DRAM GB | flash->DRAM GB/token | I/O ms | mem ms | compute ms | total ms | vs naive | vs hybrid |",
+        "|" + "---|" * 9,
+    ]
+    for r in results:
+        f = r.extra.get("full_depth") if not r.skipped else None
+        if f:
+            rows.append(
+                f"| {r.mode} | {f['dram_bytes'] / GB:.2f} | {f['bytes_per_token'] / GB:.3f} | {f['io_ms']:.0f} "
+                f"| {f['mem_ms']:.0f} | {f['compute_ms']:.0f} | {f['total_ms']:.0f} "
+                f"| {_x(f['speedup_vs_naive'])} | {_x(f['speedup_vs_hybrid'])} |"
+            )
+    return "\n".join(rows)
 
 
 def _x(v: float | None) -> str:
@@ -862,9 +916,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode}: {'skipped: ' + why if why else 'running'}", file=sys.stderr, flush=True)
         results.append(ModeResult(mode, skipped=why) if why else run_child(mode, args, budget))
     add_speedups(results)
+    if budget.full_layers != budget.layers:
+        add_full_depth(results, budget)
     io_mode = next((r.io_mode for r in results if r.io_mode and "mmap" not in r.io_mode), "n/a")
     m = machine(bundle, curve, io_mode)
     print(header(bundle, budget, m, args) + "\n\n" + table(results))
+    if budget.full_layers != budget.layers:
+        print("\n" + full_table(results, budget))
     for r in results:
         if r.note:
             print(f"- {r.mode}: {r.note}")
