@@ -52,6 +52,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlxflash import costmodel
 from mlxflash.bundle import Bundle, mx_dtype
@@ -553,7 +554,19 @@ def hybrid_keep(bundle: Bundle, budget: Budget) -> list[int]:
     return [min(k, b.neurons) for b in bundle.spec.layers]
 
 
-def make_driver(mode: str, bundle: Bundle, resident: dict, budget: Budget, args) -> object:
+def make_driver(mode: str, bundle: Bundle, budget: Budget, args) -> tuple[object, dict]:
+    """(driver, the resident weights it holds): flash modes hold the runtime's, the others load them."""
+    if mode.startswith("flash"):
+        curve = costmodel.DiskCurve.load_or_default(args.curve)
+        trace = load_trace(args.trace, bundle, args)
+        driver = FlashDriver(bundle, budget.budget, FLASH_MODES[mode], trace, args.threads, curve)
+        return driver, dict(tree_flatten(driver.model.parameters()))
+    resident = bundle.resident_weights()
+    mx.eval(resident)  # the resident part really is in DRAM, as in the runtime
+    return baseline_driver(mode, bundle, resident, budget, args), resident
+
+
+def baseline_driver(mode: str, bundle: Bundle, resident: dict, budget: Budget, args) -> object:
     full = [b.neurons for b in bundle.spec.layers]
     if mode == "naive":
         return BaselineDriver(bundle, resident, [0] * len(full), args.threads)
@@ -561,11 +574,7 @@ def make_driver(mode: str, bundle: Bundle, resident: dict, budget: Budget, args)
         return BaselineDriver(bundle, resident, hybrid_keep(bundle, budget), args.threads)
     if mode == "resident":
         return BaselineDriver(bundle, resident, full, args.threads)
-    if mode == "mmap":
-        return MmapDriver(bundle, resident)
-    curve = costmodel.DiskCurve.load_or_default(args.curve)
-    trace = load_trace(args.trace, bundle, args)
-    return FlashDriver(bundle, budget.budget, FLASH_MODES[mode], trace, args.threads, curve)
+    return MmapDriver(bundle, resident)
 
 
 def load_trace(spec: str, bundle: Bundle, args):
@@ -581,9 +590,7 @@ def run_mode(mode: str, args) -> ModeResult:
     """Measure one mode in this process."""
     bundle = Bundle.open(args.bundle, verify=False)
     budget = resolve_budget(bundle, args.memory)
-    resident = bundle.resident_weights()
-    mx.eval(resident)  # the resident part really is in DRAM, as in the runtime
-    driver = make_driver(mode, bundle, resident, budget, args)
+    driver, resident = make_driver(mode, bundle, budget, args)
     d = bundle.spec.hidden_size
     xs = [mx.random.normal((1, d), key=mx.random.key(100 + i)) for i in range(bundle.num_layers)]
     mx.eval(xs)
