@@ -222,15 +222,12 @@ def _timed_reads(reader, size: int, chunk: int, n: int, dest: np.ndarray, rng: n
     return time.perf_counter() - t0
 
 
-def measure_cell(reader, size: int, chunk: int, min_seconds: float, repeats: int, dest, rng) -> float:
-    """Median GB/s of random direct reads for one (chunk, threads) cell."""
+def calibrate_reads(reader, size: int, chunk: int, min_seconds: float, dest, rng) -> tuple[int, float]:
+    """(reads per timing so that one takes at least `min_seconds`, the GB/s of that timing)."""
     n = 4 * reader.threads
     while (dt := _timed_reads(reader, size, chunk, n, dest, rng)) < min_seconds and n < 1 << 20:
         n = int(n * max(2.0, min(8.0, min_seconds / max(dt, 1e-4))))
-    rates = [n * chunk / dt / GB] + [
-        n * chunk / _timed_reads(reader, size, chunk, n, dest, rng) / GB for _ in range(repeats - 1)
-    ]
-    return float(np.median(rates))
+    return n, n * chunk / dt / GB
 
 
 def measure_sequential(path: Path, nbytes: int, threads: int) -> float:
@@ -268,19 +265,28 @@ def probe(
 
     path = Path(path)
     rng = np.random.default_rng(0)
-    table = [[0.0] * len(threads) for _ in chunks]
-    direct, note = True, ""
-    for j, t in enumerate(threads):
-        reader = FlashReader(path, threads=t)
-        direct, note = reader.direct_io, reader.io_note
-        try:
-            for i, c in enumerate(chunks):
-                _, dest = aligned_buffer(c * max(2 * t, 4))
-                table[i][j] = measure_cell(reader, reader.size, c, min_seconds, repeats, dest, rng)
-                if progress:
-                    progress(c, t, table[i][j])
-        finally:
-            reader.close()
+    readers = [FlashReader(path, threads=t) for t in threads]
+    cells = [(i, j) for j in range(len(threads)) for i in range(len(chunks))]
+    rates: dict[tuple[int, int], list[float]] = {}
+    sizes: dict[tuple[int, int], int] = {}
+    try:
+        # repeats are rounds over all cells, so a burst of background load hits one sample per cell
+        for round_ in range(repeats):
+            for i, j in cells:
+                reader, c = readers[j], chunks[i]
+                _, dest = aligned_buffer(c * max(2 * threads[j], 4))
+                if round_ == 0:
+                    sizes[i, j], rate = calibrate_reads(reader, reader.size, c, min_seconds, dest, rng)
+                else:
+                    rate = sizes[i, j] * c / _timed_reads(reader, reader.size, c, sizes[i, j], dest, rng) / GB
+                rates.setdefault((i, j), []).append(rate)
+                if progress and round_ == repeats - 1:
+                    progress(c, threads[j], float(np.median(rates[i, j])))
+        direct, note = readers[0].direct_io, readers[0].io_note
+    finally:
+        for r in readers:
+            r.close()
+    table = [[float(np.median(rates[i, j])) for j in range(len(threads))] for i in range(len(chunks))]
     evict(path)
     seq = measure_sequential(path, 1 << 30, max(t for t in threads if t <= 8))
     meta = {
