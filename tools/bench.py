@@ -14,22 +14,31 @@ measured; each column is the median over the measured tokens (total: the median 
 
 Modes:
   naive     every layer's whole FFN block read at every token, large sequential direct reads
-            (1 MiB requests shared by --threads), into one reused buffer; dense compute.
+            (about 1 MiB per request, shared by --threads). Float bundles whose record fields are
+            whole pages are read with preadv iovecs that scatter each record's gate/up/down into
+            contiguous matrices, so the dense layout costs no copy (memory management 0, as the
+            paper's naive); otherwise the block lands in one buffer and is viewed (a copy, counted
+            as memory management, as mlxflash's own naive mode does). Dense compute.
   hybrid    the FFN DRAM the budget allows is filled with each layer's first neurons (resident);
             the rest of each layer is read at every token like naive.
   mmap      ffn.bin through a plain memory map (OS page cache, default read-ahead) under a cgroup
-            memory cap of the budget (+ --mmap-overhead for the interpreter); dense compute.
+            memory cap of the budget (+ --mmap-overhead for the interpreter); each layer's records
+            are copied out of the map into the dense layout (page faults + copy = its I/O; the
+            bytes the kernel really read, /proc/self/io, are its flash->DRAM bytes); dense compute.
             Needs a writable cgroup v1 memory controller or cgroup v2 memory.max (root); else skipped.
   resident  the whole FFN in DRAM (only when the model fits the budget).
   flash, flash-predictor, flash-window, flash-bundle
             the runtime's flash mode (`mlxflash.load(..., mode="flash")`) with a TraceSelector
-            replaying --trace: predictor only (window 1, no bundling, no coalescing); + windowing;
-            + bundling; flash = all of them + coalescing.
+            replaying --trace: predictor only (window 1, no bundling, no coalescing; the runtime has
+            no window 0, so the previous token's neurons are still reused); + windowing (the
+            runtime's window for the budget); + bundling; flash = all of them + coalescing (gap from
+            the cost model).
 
 Budget. --memory is a size (4GB, 6GiB) or a percentage of the model. A synthetic bundle written with
 --layers N < the real depth records the real depth (config "synthetic.full_layers"); the budget is
 then resolved for the full-depth model and scaled per layer (embeddings, head and one layer's block,
-the prompt/streaming buffer, counted once), so per-layer numbers match the full model's.
+the prompt/streaming buffer, counted once), so per-layer numbers match the full model's, and a
+second table extrapolates every mode to the real depth (head once, per-layer costs scaled).
 
 Predicted I/O: the cost model (mlxflash.costmodel, the stored disk probe or the reference curve)
 at the mode's mean read size and thread count; read GB/s is bytes per token / I/O time.
@@ -815,10 +824,10 @@ def _ms(v: float) -> str:
     return f"{v:.1f}" if v else "-"
 
 
-def table(results: list[ModeResult]) -> str:
+def table(results: list[ModeResult], seq_gbps: float = 0.0) -> str:
     head = (
-        "| mode | DRAM GB | flash->DRAM GB/token | read GB/s | I/O ms (predicted) | mem ms | compute ms "
-        "| total ms | vs naive | vs hybrid |"
+        f"| mode | DRAM GB | flash->DRAM GB/token | read GB/s (probe seq {seq_gbps:.2f}) | I/O ms (predicted) "
+        "| mem ms | compute ms | total ms | vs naive | vs hybrid |"
     )
     rows = [head, "|" + "---|" * 10]
     for r in results:
@@ -927,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         add_full_depth(results, budget)
     io_mode = next((r.io_mode for r in results if r.io_mode and "mmap" not in r.io_mode), "n/a")
     m = machine(bundle, curve, io_mode)
-    print(header(bundle, budget, m, args) + "\n\n" + table(results))
+    print(header(bundle, budget, m, args) + "\n\n" + table(results, curve.sequential_gbps))
     if budget.full_layers != budget.layers:
         print("\n" + full_table(results, budget))
     for r in results:
