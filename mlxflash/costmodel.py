@@ -8,6 +8,7 @@ thread count, plus the sequential figure) and stores it as JSON. The runtime-fac
     predict_io_seconds(nbytes, chunk_bytes, threads, curve)
     plan = plan_io(curve, record_bytes)                   # threads and the coalescing gap
     k = choose_window(cache_budget, layer_neurons, record_bytes, union_fraction)
+    plan_window(curve, cache_budget, layer_neurons, record_bytes, union, new)  # all of it at once
 
 Interpolation is bilinear in (log2 chunk, log2 threads) and clamps outside the probed grid, so a
 prediction never extrapolates past what was measured. Along the chunk axis it uses the running
@@ -175,6 +176,33 @@ def choose_window(
 def predict_token_io(new_fraction: float, ffn_bytes: float, run_bytes: float, plan: IOPlan, curve: DiskCurve) -> float:
     """Seconds of I/O per token when `new_fraction` of the FFN is loaded in reads of about `run_bytes`."""
     return predict_io_seconds(new_fraction * ffn_bytes, run_bytes, plan.threads, curve)
+
+
+@dataclass
+class WindowPlan:
+    window: int  # tokens whose selections stay cached (0: not even one token's fits)
+    threads: int
+    gap_records: int  # read through gaps of up to this many records
+    io_seconds: float  # predicted I/O per token
+
+
+def plan_window(
+    curve: DiskCurve,
+    cache_budget_bytes: float,
+    layer_neurons: Sequence[int],
+    record_bytes: int,
+    union_fraction: Sequence[float],
+    new_fraction: Sequence[float],
+    max_threads: int = 64,
+) -> WindowPlan:
+    """All of it at once: threads and gap for one-record reads, the largest window that fits, and the
+    I/O per token it implies (`new_fraction[k-1]` of the FFN loaded per token with a window of k;
+    `traces.window_stats` gives both fraction lists)."""
+    io = plan_io(curve, record_bytes, max_threads)
+    k = choose_window(cache_budget_bytes, layer_neurons, record_bytes, union_fraction)
+    ffn_bytes = sum(layer_neurons) * record_bytes
+    seconds = predict_token_io(new_fraction[k - 1], ffn_bytes, record_bytes, io, curve) if k else float("inf")
+    return WindowPlan(k, io.threads, io.gap_bytes // record_bytes, seconds)
 
 
 # ---- measuring (tools/disk_probe.py is the front end) ----

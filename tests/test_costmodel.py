@@ -85,3 +85,17 @@ def test_tiny_probe_measures_something(tmp_path):
     g = np.asarray(curve.gbps)
     assert g.shape == (2, 2) and np.all(g > 0) and curve.sequential_gbps > 0
     assert curve.meta["file_bytes"] == 8 << 20
+
+
+def test_plan_window_with_trace_statistics():
+    from mlxflash import traces
+
+    stats = traces.window_stats(traces.generate_trace([2048], tokens=40), max_window=6)
+    curve = cm.REFERENCE_CURVE
+    neurons, record = [2048] * 4, 32768
+    budget = 0.24 * sum(neurons) * record  # about the paper's window of 5
+    plan = cm.plan_window(curve, budget, neurons, record, stats["union_p99"], stats["new_mean"])
+    assert 3 <= plan.window <= 6 and plan.threads >= 8
+    expected = stats["new_mean"][plan.window - 1] * sum(neurons) * record / curve.throughput(record, plan.threads)
+    assert plan.io_seconds == pytest.approx(expected)
+    assert cm.plan_window(curve, 0, neurons, record, stats["union_p99"], stats["new_mean"]).window == 0
