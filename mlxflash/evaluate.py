@@ -113,11 +113,11 @@ def read_hellaswag_text(path: str | Path) -> list[ChoiceItem]:
     items = []
     for start in range(0, len(lines), 6):
         block = lines[start : start + 6]
+        label = block[1].strip() if len(block) > 1 else ""
+        if len(block) > 1 and label not in ("0", "1", "2", "3"):
+            raise _bad(path, start + 2, f"expected the gold label 0-3, found {label[:40]!r}")
         if len(block) < 6:
             raise _bad(path, start + 1, f"an item needs 6 lines (context, label, 4 endings), found {len(block)}")
-        label = block[1].strip()
-        if label not in ("0", "1", "2", "3"):
-            raise _bad(path, start + 2, f"expected the gold label 0-3, found {label[:40]!r}")
         for k, line in enumerate(block[2:]):
             if not line.strip():
                 raise _bad(path, start + 3 + k, "empty ending")
@@ -299,7 +299,8 @@ def mean_se(values) -> tuple[float, float]:
 
 
 def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, first scored) of each window over n tokens; every token but the first is scored once."""
+    """(start, end, first scored) of each window over n tokens. No token is scored twice; a token is left
+    out only where it starts a window without context (stride == context: each window's first)."""
     if context < 2 or not 1 <= stride <= context:
         raise UsageError(f"--context {context} --stride {stride}: need context >= 2 and 1 <= stride <= context")
     spans, scored_to, start = [], 1, 0
@@ -328,7 +329,7 @@ def perplexity(
     stride = stride or context
     spans = window_spans(len(tokens), context, stride)
     nll = []
-    with _bar(len(tokens) - 1, "tok", progress) as bar:
+    with _bar(sum(end - first for _, end, first in spans), "tok", progress) as bar:
         for start, end, first in spans:
             nll.extend(-token_logprobs(model, tokens[start:end], first - start))
             bar.update(end - first)
