@@ -41,7 +41,10 @@ DATA_FILES = {
     "piqa": "zeroshot/piqa.jsonl",
     "lambada": "zeroshot/lambada_openai.jsonl",
 }
-SHARED_DATA = Path("../shared/data")
+SHARED_DATA = Path("../shared/data")  # the project's convention, relative to the checkout
+
+
+PER_ITEM = ("correct", "correct_norm", "token_nll")  # kept for paired differences, not written to JSON
 
 
 class DataFormatError(UsageError):
@@ -159,7 +162,10 @@ def read_task(task: str, path: str | Path) -> list[ChoiceItem] | list[ClozeItem]
 
 
 def default_data(task: str) -> Path:
-    return SHARED_DATA / DATA_FILES[task]
+    """The task's file under ../shared/data, from the working directory or else from the checkout."""
+    here = SHARED_DATA / DATA_FILES[task]
+    checkout = Path(__file__).resolve().parents[1] / SHARED_DATA / DATA_FILES[task]
+    return here if here.exists() or not checkout.exists() else checkout.resolve()
 
 
 def choice_prompts(task: str, item: ChoiceItem) -> list[tuple[str, str]]:
@@ -331,7 +337,7 @@ def perplexity(
     nll = []
     with _bar(sum(end - first for _, end, first in spans), "tok", progress) as bar:
         for start, end, first in spans:
-            nll.extend(-token_logprobs(model, tokens[start:end], first - start))
+            nll.extend((-token_logprobs(model, tokens[start:end], first - start)).tolist())
             bar.update(end - first)
     mean, se = mean_se(nll)
     return {
@@ -343,6 +349,7 @@ def perplexity(
         "context": context,
         "stride": stride,
         "windows": len(spans),
+        "token_nll": nll,
     }
 
 
@@ -478,7 +485,7 @@ def difference(base: dict, other: dict) -> dict:
     for key in ("perplexity", "nll", "accuracy", "accuracy_norm"):
         if key in base and key in other:
             diff[key] = other[key] - base[key]
-    for key, per_item in (("accuracy", "correct"), ("accuracy_norm", "correct_norm")):
+    for key, per_item in (("accuracy", "correct"), ("accuracy_norm", "correct_norm"), ("nll", "token_nll")):
         if per_item in base and per_item in other:
             diff[key + "_se"] = mean_se(np.subtract(other[per_item], base[per_item]))[1]
     if "perplexity" in diff:
@@ -509,6 +516,7 @@ def format_difference(diff: dict) -> str:
     parts = []
     if "perplexity" in diff:
         parts.append(f"perplexity {diff['perplexity']:+.3f} ({100 * diff['perplexity_rel']:+.2f}%)")
+        parts.append(f"mean NLL {diff['nll']:+.4f} ± {diff.get('nll_se', math.nan):.4f}")
     for key, name in (("accuracy", "acc"), ("accuracy_norm", "acc_norm")):
         if key in diff:
             parts.append(f"{name} {100 * diff[key]:+.1f} ± {100 * diff.get(key + '_se', math.nan):.1f} points")
@@ -517,7 +525,7 @@ def format_difference(diff: dict) -> str:
 
 def public(run: dict) -> dict:
     """A run without its per-item vectors (for JSON)."""
-    return {k: v for k, v in run.items() if k not in ("correct", "correct_norm")}
+    return {k: v for k, v in run.items() if k not in PER_ITEM}
 
 
 # ---------------------------------------------------------------------------------------------- CLI
