@@ -8,11 +8,14 @@ from pathlib import Path
 from .convert import convert
 from .errors import BundleError, ConvertError, MlxflashError, UsageError
 from .generate import Response, generate, stream_generate
+from .session import Session, session
 
 __all__ = [
     "load",
     "generate",
     "stream_generate",
+    "session",
+    "Session",
     "convert",
     "Response",
     "MlxflashError",

@@ -404,7 +404,7 @@ def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: dict) 
     the config (which carries the resident checksum) is renamed last.
     """
     weights = {**bundle.resident_weights(), **extra}
-    tmp_res = bundle.path / f".{RESIDENT_FILE}.tmp"
+    tmp_res = bundle.path / f".tmp-{RESIDENT_FILE}"  # keeps the suffix: mx.save_safetensors adds one otherwise
     tmp_cfg = bundle.path / f".{CONFIG_FILE}.tmp"
     try:
         mx.save_safetensors(str(tmp_res), weights, metadata={"format": "mlx"})

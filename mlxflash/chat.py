@@ -15,12 +15,14 @@ HELP = "Type a message. /reset starts over, /stats shows figures, /quit leaves; 
 
 def add_chat(sub) -> None:
     """Register `mlxflash chat`."""
-    from .model import MODES
+    from .model import MODES, SELECTORS
 
     p = sub.add_parser("chat", help="chat with the model in the terminal")
     p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
     p.add_argument("--memory", help="memory budget, e.g. 75%% or 4GB")
     p.add_argument("--mode", choices=MODES, help="FFN placement (default: chosen at load)")
+    p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
+    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -144,6 +146,10 @@ def run_chat(args) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with session(args.model, verify=not args.no_verify, **load_kwargs(args.mode, args.memory)) as sess:
+    with session(
+        args.model,
+        verify=not args.no_verify,
+        **load_kwargs(args.mode, args.memory, selector=args.selector, window=args.window),
+    ) as sess:
         print(load_report(sess.model), file=sys.stderr, flush=True)
         loop(Chat(sess, args))

@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 
+from .cpu import reexec_with_openblas
 from .errors import MlxflashError, UsageError
 from .model import MODES, SELECTORS
 
@@ -139,6 +140,8 @@ def _add_frontends(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        reexec_with_openblas()
     parser = argparse.ArgumentParser(prog="mlxflash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)

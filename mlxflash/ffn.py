@@ -17,6 +17,7 @@ import numpy as np
 
 from .bundle import FFNSpec
 from .cache import NeuronCache, timed_update
+from .cpu import quantized_matmul
 from .reader import FlashReader
 from .stats import RuntimeStats
 
@@ -48,7 +49,7 @@ def transpose_packed(packed: mx.array, bits: int) -> mx.array:
 
 
 def _qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, q: dict) -> mx.array:
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=q["group_size"], bits=q["bits"])
+    return quantized_matmul(x, w, scales, biases, q["group_size"], q["bits"])
 
 
 class FFN(nn.Module):
@@ -82,6 +83,12 @@ class FFN(nn.Module):
             w["down.weight"] = transpose_packed(w["down.weight"], q["down"]["bits"])
         return w
 
+    def _gate(self, x: mx.array, w: dict[str, mx.array]) -> mx.array:
+        q = self._spec.quantization
+        if q:
+            return _qmm(x, w["gate.weight"], w["gate.scales"], w["gate.biases"], q["gate"])
+        return x @ w["gate.weight"].T
+
     def _hidden(self, x: mx.array, w: dict[str, mx.array], up_bias: mx.array | None) -> mx.array:
         """The neurons' activations h (..., n) for the records in `w`."""
         q = self._spec.quantization
@@ -93,11 +100,12 @@ class FFN(nn.Module):
             up = up + up_bias
         if not self._spec.gated:
             return self._act(up)
-        if q:
-            gate = _qmm(x, w["gate.weight"], w["gate.scales"], w["gate.biases"], q["gate"])
-        else:
-            gate = x @ w["gate.weight"].T
-        return self._act(gate) * up
+        return self._act(self._gate(x, w)) * up
+
+    def activations(self, x: mx.array, w: dict[str, mx.array]) -> tuple[mx.array, mx.array | None]:
+        """Every neuron's activation h and, for gated FFNs, |silu(gate . x)| (what selectors are trained on)."""
+        h = self._hidden(x, w, self.up_bias if "up_bias" in self else None)
+        return h, (mx.abs(nn.silu(self._gate(x, w))) if self._spec.gated else None)
 
     def _output(self, y: mx.array) -> mx.array:
         return y + self.down_bias if "down_bias" in self else y
@@ -106,7 +114,7 @@ class FFN(nn.Module):
         """x: (..., d) -> (..., d) through every neuron (those in `mask` only, if given). mlx-lm's math."""
         h = self._hidden(x, w, self.up_bias if "up_bias" in self else None)
         if mask is not None:
-            h = h * mask
+            h = h * mask.astype(h.dtype)
         q = self._spec.quantization
         if q:
             y = _qmm(h, w["down.weight"], self.down_scales, self.down_biases, q["down"])
@@ -152,6 +160,9 @@ class NaiveFFN(FFN):
         mx.eval(y)  # the block buffer is reused by the next layer: finish with it first
         return y
 
+    def _blocks_weights(self) -> dict[str, mx.array]:
+        return self._timed_weights(self._blocks.read_block(self._layer))
+
     def _timed_weights(self, records: mx.array) -> dict[str, mx.array]:
         t0 = time.perf_counter()
         w = self.dense_weights(records)
@@ -189,12 +200,15 @@ class FlashFFN(NaiveFFN):
         super().__init__(layer, spec, stats, blocks, biases)
         self._reader, self._selector, self._options = reader, selector, options
         self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record.nbytes, options.window)
+        self._pending: mx.array | None = None  # the last output computed from the cache rows
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.shape[-2] > 1:
             return self._prompt(x)
         mask = self._selector.select(self._layer, x.reshape(-1, x.shape[-1])[-1:])
         selected = _selected_ids(mask)
+        if self._pending is not None:  # rows are about to move: finish what still reads them
+            mx.eval(self._pending)
         missing, start = timed_update(self._cache, selected, self._stats)
         o = self._options
         self._cache.fill_from_disk(
@@ -204,7 +218,8 @@ class FlashFFN(NaiveFFN):
         self._stats.selected += len(selected)
         self._stats.loaded += len(missing)
         self._stats.computed += len(ids)
-        return self.sparse(x, rows, ids)  # lazy: the next layer's selection evaluates it
+        self._pending = self.sparse(x, rows, ids)  # lazy: usually the next layer's selection evaluates it
+        return self._pending
 
     def _prompt(self, x: mx.array) -> mx.array:
         """Many tokens: read the block sequentially and compute densely (or per-token masked), then seed
@@ -217,6 +232,8 @@ class FlashFFN(NaiveFFN):
         y = self.dense(x, w, mask)
         mx.eval(y, masks)
         block = np.asarray(records)
+        if self._pending is not None:
+            mx.eval(self._pending)
         t0 = time.perf_counter()
         for m in np.asarray(masks[-k:]):
             missing, start = self._cache.update(np.flatnonzero(m).astype(np.int32))

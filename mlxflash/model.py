@@ -18,6 +18,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .architectures import SUPPORTED, model_classes
 from .bundle import Bundle
 from .convert import quant_params
+from .cpu import speed_up_prompts
 from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .planner import Plan, choose_mode, model_bytes, plan_flash
@@ -174,6 +175,7 @@ def _load_resident(model: nn.Module, bundle: Bundle, weights: dict) -> None:
                 f"{p}.scales" in weights and hasattr(m, "to_quantized") and quant_params(qcfg, p)
             ),
         )
+        speed_up_prompts(model)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -132,7 +132,7 @@ def plan_flash(
         layers=layers,
         selector=selector,
     )
-    stats = spec.selector or {}
+    stats = (spec.selector or {}).get("stats", {}).get(selector, {})
     density = 1.0 if selector == "all" else stats.get("density", 0.0)
     union = stats.get("window_union") or []  # expected union share of n for windows 1..len
     if budget is None:

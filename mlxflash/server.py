@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -239,7 +239,7 @@ class Engine:
         self.session, self.model_id, self.max_queue = sess, model_id, max_queue
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
         self.pending = 0  # admitted and not finished (the running one included); event-loop thread only
-        self.served = self.rejected = self.cancelled = self.tokens = 0
+        self.served = self.rejected = self.cancelled = self.tokens = self.tokens_decoded = 0
         self.decode_s = 0.0
         self.last: dict = {}
         self.created = int(time.time())
@@ -304,7 +304,9 @@ class Engine:
     def _usage(self, job: Job, n: int, stats: dict) -> dict:
         self.served += 1
         self.tokens += n
-        self.decode_s += stats.get("tokens", 0) / stats["tokens_per_s"] if stats.get("tokens_per_s") else 0.0
+        if stats.get("tokens_per_s"):  # decode steps only: the first token carries the prompt
+            self.tokens_decoded += stats["tokens"]
+            self.decode_s += stats["tokens"] / stats["tokens_per_s"]
         self.last = {**stats, "prompt_tokens_reused": self.session.reused_tokens}
         return {"prompt_tokens": len(job.tokens), "completion_tokens": n, "total_tokens": len(job.tokens) + n}
 
@@ -331,6 +333,7 @@ class Engine:
             "busy": self.pending > 0,
             "tokens_generated": self.tokens,
             "tokens_per_s": last.get("tokens_per_s", 0.0),
+            "avg_tokens_per_s": self.tokens_decoded / self.decode_s if self.decode_s else 0.0,
             "bytes_read_per_token": last.get("bytes_read_per_token", 0.0),
             "resident_bytes": rt.resident_bytes,
             "ffn_bytes": rt.ffn_bytes,
@@ -341,6 +344,8 @@ class Engine:
         }
         if "cache_hit_rate" in last:
             out["cache_hit_rate"] = last["cache_hit_rate"]
+        if hasattr(rt, "live"):  # the flash runtime's plan and neuron-cache figures
+            out["runtime"] = rt.live()
         return out
 
 
@@ -577,6 +582,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     ).response()
 
 
+async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=499)  # nobody is listening
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("request failed")
     return ApiError(500, "internal server error").response()
@@ -602,7 +611,7 @@ def make_app(engine: Engine, allowed_origins: list[str] | None = None, max_body:
                 allow_headers=["*"],
             )
         )
-    handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    handlers = {ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _gone, Exception: _internal_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
@@ -615,12 +624,14 @@ def model_id_of(sess: Session) -> str:
 
 def add_serve(sub) -> None:
     """Register `mlxflash serve`."""
-    from .model import MODES
+    from .model import MODES, SELECTORS
 
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
     p.add_argument("--memory", help="memory budget, e.g. 75%% or 4GB")
     p.add_argument("--mode", choices=MODES, help="FFN placement (default: chosen at load)")
+    p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
+    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS ('*' for any)")
@@ -640,7 +651,11 @@ def serve(args) -> None:
 
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port within 1..65535")
-    sess = session(args.model, verify=not args.no_verify, **load_kwargs(args.mode, args.memory))
+    sess = session(
+        args.model,
+        verify=not args.no_verify,
+        **load_kwargs(args.mode, args.memory, selector=args.selector, window=args.window),
+    )
     print(load_report(sess.model), file=sys.stderr, flush=True)
     engine = Engine(sess, model_id_of(sess), args.max_queue)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]

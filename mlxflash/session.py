@@ -12,7 +12,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .errors import UsageError
-from .generate import Response, stream_generate
+from .generate import Response, encode_prompt, stream_generate
 
 
 def load_kwargs(mode: str | None = None, memory: str | None = None, **extra) -> dict:
@@ -82,8 +82,14 @@ class Session:
             offset = len(seen)
         self.cache_tokens = seen[:offset]
 
-    def stream(self, tokens: list[int], max_tokens: int = 256, **kwargs) -> Iterator[Response]:
-        """`mlxflash.stream_generate` on `tokens`, computing only what the cache does not hold."""
+    def chat(self, messages: list[dict], max_tokens: int = 256, **kwargs) -> Iterator[Response]:
+        """Stream the reply to a conversation (OpenAI-style messages) through the chat template."""
+        tokens = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.stream(tokens, max_tokens, **kwargs)
+
+    def stream(self, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> Iterator[Response]:
+        """`mlxflash.stream_generate` on `prompt`, computing only what the cache does not hold."""
+        tokens = encode_prompt(self.tokenizer, prompt)
         if not tokens:
             raise UsageError("the prompt is empty")
         context = self.model.flash.context_length

@@ -1,0 +1,254 @@
+"""Train the low-rank predictors and calibrate the selectors of a bundle (PAPER.md, "predictors").
+
+1. Run the dense model over text, layer by layer recording the FFN inputs x and the target set:
+   ReLU FFNs, the neurons that are non-zero; gated FFNs, the neurons whose |silu(gate . x)| passes a
+   per-layer threshold calibrated for the target density (the exact gate selector's set).
+2. Per layer, fit sigmoid(B(A x)) to the targets with a loss balanced between positives and negatives,
+   then pick the threshold that reaches the target recall on the training tokens.
+3. Report recall, precision and density on held-out tokens, measure the window unions the planner
+   uses, and write the predictors into the bundle's resident file atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from tqdm import tqdm
+
+from .bundle import Bundle, update_resident
+from .errors import UsageError
+from .ffn import NaiveFFN
+from .planner import MAX_WINDOW
+from .selectors import predictor_prefix
+
+MIN_TOKENS = 256
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    recall: float
+    precision: float
+    density: float  # predicted share of neurons selected
+    target_density: float
+
+
+def default_rank(hidden_size: int) -> int:
+    return int(min(128, max(16, hidden_size // 16)) // 8 * 8)
+
+
+class _Recorder(nn.Module):
+    """Wraps a layer's FFN: passes x through and records x and the layer's target signal."""
+
+    def __init__(self, ffn, gated: bool):
+        super().__init__()
+        self.ffn, self.gated = ffn, gated
+        self.inputs: list[np.ndarray] = []
+        self.signal: list[np.ndarray] = []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.ffn._blocks_weights() if isinstance(self.ffn, NaiveFFN) else self.ffn._w
+        h, gate_mag = self.ffn.activations(x, w)
+        y = self.ffn.dense(x, w)
+        sig = gate_mag if self.gated else (h != 0)
+        mx.eval(y, sig)
+        d = x.shape[-1]
+        self.inputs.append(np.asarray(x.reshape(-1, d).astype(mx.float16)))
+        self.signal.append(np.asarray(sig.reshape(-1, sig.shape[-1]).astype(mx.float16 if self.gated else mx.bool_)))
+        return y
+
+
+def tokenize_text(tokenizer, path: Path, tokens: int) -> list[int]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"--text {path}: cannot read ({e.strerror})") from e
+    ids = tokenizer.encode(text[: tokens * 12])[:tokens]
+    if len(ids) < max(MIN_TOKENS, tokens // 2):
+        raise UsageError(
+            f"--text {path}: {len(ids)} tokens, too short to train on (need at least {max(MIN_TOKENS, tokens // 2)}; lower --tokens or give more text)"
+        )
+    return ids
+
+
+def collect(model, ids: list[int], gated: bool, context: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Run the dense model over `ids` in windows of `context`; per layer (N, d) inputs and (N, n) signal."""
+    layers = model.model.layers
+    recorders = [_Recorder(block.mlp, gated) for block in layers]
+    for block, rec in zip(layers, recorders):
+        block.mlp = rec
+    try:
+        for start in tqdm(range(0, len(ids), context), desc="collect", unit="window"):
+            mx.eval(model(mx.array(ids[start : start + context])[None]))
+    finally:
+        for block, rec in zip(layers, recorders):
+            block.mlp = rec.ffn
+    return [np.concatenate(r.inputs) for r in recorders], [np.concatenate(r.signal) for r in recorders]
+
+
+def balanced_loss(logits: mx.array, target: mx.array) -> mx.array:
+    """BCE with positives and negatives weighted equally, whatever their counts."""
+    pos = target.sum()
+    neg = target.size - pos
+    loss_pos = (nn.losses.binary_cross_entropy(logits, target, reduction="none") * target).sum() / mx.maximum(pos, 1)
+    loss_neg = (nn.losses.binary_cross_entropy(logits, target, reduction="none") * (1 - target)).sum() / mx.maximum(
+        neg, 1
+    )
+    return (loss_pos + loss_neg) / 2
+
+
+class Predictor(nn.Module):
+    def __init__(self, d: int, n: int, rank: int):
+        super().__init__()
+        self.a = nn.Linear(d, rank, bias=False)
+        self.b = nn.Linear(rank, n)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.b(self.a(x))
+
+
+def train_layer(
+    x: np.ndarray, y: np.ndarray, rank: int, epochs: int, batch: int = 256, lr: float = 2e-3, seed: int = 0
+) -> Predictor:
+    mx.random.seed(seed)
+    model = Predictor(x.shape[1], y.shape[1], rank)
+    opt = optim.Adam(learning_rate=lr)
+    X, Y = mx.array(x.astype(np.float32)), mx.array(y.astype(np.float32))
+    loss_and_grad = nn.value_and_grad(model, lambda m, xb, yb: balanced_loss(m(xb), yb))
+
+    @mx.compile
+    def step(xb, yb):
+        loss, grads = loss_and_grad(model, xb, yb)
+        opt.update(model, grads)
+        return loss
+
+    state = [model.state, opt.state]
+    step = mx.compile(step, inputs=state, outputs=state)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = mx.array(rng.permutation(len(x)))
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i : i + batch]
+            step(X[idx], Y[idx])
+            mx.eval(state)
+    return model
+
+
+def threshold_for_recall(scores: np.ndarray, target: np.ndarray, recall: float) -> float:
+    """The largest probability threshold whose recall over the positives reaches `recall`."""
+    pos = np.sort(scores[target])
+    if len(pos) == 0:
+        return 0.5
+    z = pos[int(math.floor((1 - recall) * len(pos)))]  # keep this share of positives at or above z
+    return float(1 / (1 + math.exp(-float(z) + 1e-6)))
+
+
+def window_union(masks: np.ndarray, max_window: int = MAX_WINDOW) -> list[float]:
+    """Mean share of neurons in the union of the last k tokens' selections, k = 1..max_window."""
+    out, union = [], np.zeros_like(masks)
+    for k in range(1, max_window + 1):
+        union = union | np.concatenate([np.zeros_like(masks[: k - 1]), masks[: len(masks) - k + 1]])
+        out.append(float(union[max_window:].mean()))
+    return out
+
+
+def train_predictors(
+    bundle_path: Path,
+    text: Path,
+    rank: int | None = None,
+    tokens: int = 8192,
+    density: float = 0.4,
+    recall: float = 0.9,
+    epochs: int = 8,
+    context: int = 256,
+    mode: str = "resident",
+    heldout: float = 0.15,
+) -> list[LayerReport]:
+    """Collect, train, calibrate, report and write the selector into the bundle; returns the report."""
+    from . import load
+
+    if not 0 < density <= 1:
+        raise UsageError(f"--density {density}: must be within (0, 1]")
+    bundle = Bundle.open(bundle_path)
+    spec = bundle.spec
+    rank = rank or default_rank(spec.hidden_size)
+    model, tokenizer = load(bundle_path, mode=mode, verify=False)
+    ids = tokenize_text(tokenizer, Path(text), tokens)
+    gated = spec.gated and spec.activation != "relu"
+    t0 = time.perf_counter()
+    context = min(context, bundle.config.get("max_position_embeddings") or context)
+    inputs, signals = collect(model, ids, gated, context)
+    model.flash.close()
+    split = int(len(ids) * (1 - heldout))
+    weights, reports, gate_thresholds, pred_thresholds, pred_masks, gate_masks = {}, [], [], [], [], []
+    for layer in tqdm(range(bundle.num_layers), desc="train", unit="layer"):
+        x, sig = inputs[layer], signals[layer]
+        if gated:  # the exact gate set at the target density, one threshold per layer
+            thr = float(np.quantile(sig[:split].astype(np.float32), 1 - density))
+            target = sig > thr
+            gate_thresholds.append(thr)
+            gate_masks.append(target[split:])
+        else:
+            target = sig
+        predictor = train_layer(x[:split], target[:split], rank, epochs, seed=layer)
+        scores = np.asarray(predictor(mx.array(x.astype(np.float32))))
+        p = threshold_for_recall(scores[:split], target[:split], recall)
+        pred_thresholds.append(p)
+        chosen = scores[split:] > math.log(p / (1 - p))
+        pred_masks.append(chosen)
+        reports.append(_report(layer, chosen, target[split:]))
+        prefix = predictor_prefix(layer)
+        weights[prefix + "a.weight"] = predictor.a.weight.astype(mx.float16)
+        weights[prefix + "b.weight"] = predictor.b.weight.astype(mx.float16)
+        weights[prefix + "b.bias"] = predictor.b.bias.astype(mx.float16)
+    selector = {
+        "kind": "predictor",
+        "target": "gate" if gated else "nonzero",
+        "rank": [rank] * bundle.num_layers,
+        "predictor_threshold": pred_thresholds,
+        "target_recall": recall,
+        "trained_on": {
+            "text": Path(text).name,
+            "tokens": len(ids),
+            "heldout_tokens": len(ids) - split,
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+        "stats": {"predictor": _selection_stats(pred_masks)},
+    }
+    if gated:
+        selector.update(gate_threshold=gate_thresholds, gate_density=density)
+        selector["stats"]["gate"] = _selection_stats(gate_masks)
+    update_resident(bundle, weights, selector)
+    return reports
+
+
+def _selection_stats(masks: list[np.ndarray]) -> dict:
+    unions = np.array([window_union(m) for m in masks])  # (layers, windows)
+    return {"density": float(np.mean([m.mean() for m in masks])), "window_union": unions.max(axis=0).tolist()}
+
+
+def _report(layer: int, chosen: np.ndarray, target: np.ndarray) -> LayerReport:
+    tp = np.count_nonzero(chosen & target)
+    return LayerReport(
+        layer, tp / max(1, target.sum()), tp / max(1, chosen.sum()), float(chosen.mean()), float(target.mean())
+    )
+
+
+def format_report(reports: list[LayerReport]) -> str:
+    lines = ["layer  recall  precision  density  target-density"]
+    lines += [
+        f"{r.layer:5d}  {r.recall:6.3f}  {r.precision:9.3f}  {r.density:7.3f}  {r.target_density:14.3f}"
+        for r in reports
+    ]
+    mean = lambda f: sum(f(r) for r in reports) / len(reports)  # noqa: E731
+    lines.append(
+        f" mean  {mean(lambda r: r.recall):6.3f}  {mean(lambda r: r.precision):9.3f}  {mean(lambda r: r.density):7.3f}  {mean(lambda r: r.target_density):14.3f}"
+    )
+    return "\n".join(lines)

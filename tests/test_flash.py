@@ -1,0 +1,207 @@
+"""Flash mode on tiny models: exactness (oracle / every neuron), the masked evaluation path, the planner,
+training predictors, and the errors for bad budgets and missing predictors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+from tiny import byte_tokenizer, make_hf_dir
+
+import mlxflash
+from mlxflash import opt
+from mlxflash.bundle import Bundle
+from mlxflash.convert import read_ffn_layer
+from mlxflash.errors import UsageError
+from mlxflash.planner import parse_memory
+from mlxflash.selectors import GateSelector, OracleSelector
+
+TOKENS = [5, 17, 99, 3, 42, 7, 200, 11, 64, 9, 31, 77]
+
+TINY_OPT = {
+    "model_type": "opt",
+    "hidden_size": 64,
+    "ffn_dim": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 256,
+    "max_position_embeddings": 64,
+    "word_embed_proj_dim": 64,
+    "do_layer_norm_before": True,
+    "activation_function": "relu",
+    "enable_bias": True,
+    "eos_token_id": 0,
+}
+
+
+def make_opt_dir(out):
+    """A tiny OPT checkpoint in Hugging Face's names (model.decoder..., fc1/fc2)."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(TINY_OPT))
+    mx.random.seed(1)
+    model = opt.Model(opt.ModelArgs.from_dict(TINY_OPT))
+    weights = {}
+    for k, v in tree_flatten(model.parameters()):
+        k = k.replace("model.", "model.decoder.", 1).replace(".mlp.", ".")
+        weights[k] = v + 0.02 * mx.random.normal(v.shape) if k.endswith("bias") else v  # non-trivial biases
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    byte_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash")
+    return {
+        "opt": mlxflash.convert(make_opt_dir(root / "opt-src"), root / "opt", progress=False),
+        "relu-llama": mlxflash.convert(
+            make_hf_dir(root / "relu-src", {"hidden_act": "relu"}), root / "relu-llama", progress=False
+        ),
+        "llama": mlxflash.convert(make_hf_dir(root / "llama-src"), root / "llama", progress=False),
+        "llama-q4": mlxflash.convert(
+            make_hf_dir(root / "q-src"), root / "llama-q4", bits=4, group_size=32, progress=False
+        ),
+    }
+
+
+def decode_logits(model, tokens=TOKENS) -> np.ndarray:
+    """Token by token through the KV cache: every step takes flash mode's decode path."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([[t]]), cache=cache) for t in tokens]
+    return np.array(mx.concatenate(out, axis=1))
+
+
+def oracle(bundle_path) -> OracleSelector:
+    bundle = Bundle.open(bundle_path)
+    layers = []
+    for i in range(bundle.num_layers):
+        t = read_ffn_layer(bundle, i)
+        w = {"up": t["up_proj"][0], "gate": t.get("gate_proj", (None,))[0]}
+        if "up_bias" in t:
+            w["up_bias"] = t["up_bias"]
+        layers.append(w)
+    return OracleSelector(layers, bundle.spec.activation == "relu", bundle.spec.gated)
+
+
+@pytest.mark.parametrize("name", ["opt", "relu-llama"])
+def test_oracle_selector_gives_dense_logits_for_relu(bundles, name):
+    dense, _ = mlxflash.load(bundles[name], mode="resident")
+    flash, _ = mlxflash.load(bundles[name], mode="flash", selector=oracle(bundles[name]), window=1)
+    expected, got = decode_logits(dense), decode_logits(flash)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    selected = flash.flash.stats.selected
+    assert 0 < selected < len(TOKENS) * 2 * Bundle.open(bundles[name]).spec.intermediate_size  # it really was sparse
+
+
+@pytest.mark.parametrize("name, atol", [("llama", 1e-5), ("llama-q4", 1e-4)])
+def test_every_neuron_selected_gives_dense_logits_for_gated(bundles, name, atol):
+    dense, _ = mlxflash.load(bundles[name], mode="resident")
+    flash, _ = mlxflash.load(bundles[name], mode="flash", selector="all")
+    np.testing.assert_allclose(decode_logits(flash), decode_logits(dense), atol=atol, rtol=atol)
+
+
+def _gate_selector(path, quantile=0.6):
+    bundle = Bundle.open(path)
+    gates, thresholds = [], []
+    for i in range(bundle.num_layers):
+        g = read_ffn_layer(bundle, i)["gate_proj"]
+        gates.append(g)
+        thresholds.append(0.05 * (1 + i))
+    return GateSelector(gates, bundle.spec.quantization, thresholds)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_masked_prompt_equals_token_by_token_flash(bundles, window):
+    """Evaluation runs whole sequences with per-token masks; that must equal real flash decoding."""
+    path = bundles["llama-q4"]
+    stepwise, _ = mlxflash.load(path, mode="flash", selector=_gate_selector(path), window=window)
+    masked, _ = mlxflash.load(path, mode="flash", selector=_gate_selector(path), window=window, masked_prompts=True)
+    whole = np.array(masked(mx.array([TOKENS])))
+    np.testing.assert_allclose(whole, decode_logits(stepwise), atol=1e-4, rtol=1e-4)
+    dense, _ = mlxflash.load(path, mode="resident")
+    assert not np.allclose(whole, np.array(dense(mx.array([TOKENS]))), atol=1e-3)  # the masks mattered
+
+
+def test_windowed_cache_reads_only_new_neurons(bundles):
+    path = bundles["opt"]
+    flash, tok = mlxflash.load(path, mode="flash", selector=oracle(path), window=4)
+    stats = list(mlxflash.stream_generate(flash, tok, "hello there", max_tokens=12))[-1].stats
+    record = Bundle.open(path).spec.record.nbytes
+    assert stats["bytes_read_per_token"] == pytest.approx(stats["new_neurons_per_token"] * record)
+    assert 0 < stats["cache_hit_rate"] < 1 and stats["window"] == 4
+    assert stats["cached_neurons"] >= stats["new_neurons_per_token"]
+
+
+def test_parse_memory():
+    assert parse_memory("50%", 1000) == 500
+    assert parse_memory("4GB", 0) == 4 * 10**9
+    assert parse_memory("512MiB", 0) == 512 * 2**20
+    assert parse_memory("1.5 GiB", 0) == int(1.5 * 2**30)
+    with pytest.raises(UsageError, match="expected a size"):
+        parse_memory("lots", 1000)
+
+
+def test_budget_decides_mode_and_refuses_too_small(bundles):
+    path = bundles["llama"]
+    flash, _ = mlxflash.load(path, memory="97%", selector=_gate_selector(path))
+    assert flash.flash.mode == "flash" and flash.flash.plan.capacity < Bundle.open(path).spec.intermediate_size
+    resident, _ = mlxflash.load(path, memory="200%")
+    assert resident.flash.mode == "resident"
+    with pytest.raises(UsageError, match="too small"):
+        mlxflash.load(path, memory="10%", selector="all")
+    with pytest.raises(UsageError, match="resident mode needs the whole model"):
+        mlxflash.load(path, mode="resident", memory="50%")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlxflash.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_errors_for_budget_and_missing_predictors(bundles):
+    for args, message in [
+        (["--memory", "5%", "--selector", "all"], "too small"),
+        (["--memory", "80%"], "has no predictors"),
+        (["--mode", "flash", "--selector", "predictor"], "no predictors in this bundle"),
+    ]:
+        proc = _cli("generate", "--model", bundles["llama"], "--prompt", "hi", "--max-tokens", 2, *args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().startswith("mlxflash: error:") and message in proc.stderr, proc.stderr
+
+
+def test_train_predictors_tiny(bundles, tmp_path, shared_data):
+    import shutil
+
+    from mlxflash.train import train_predictors
+
+    path = shutil.copytree(bundles["llama"], tmp_path / "b")
+    text = shared_data / "tinyshakespeare.txt"
+    reports = train_predictors(path, text, tokens=1024, density=0.5, epochs=4, context=128)
+    assert len(reports) == 2 and all(r.recall > 0.6 for r in reports)
+    selector = Bundle.open(path).spec.selector
+    assert selector["kind"] == "predictor" and len(selector["predictor_threshold"]) == 2
+    assert len(selector["stats"]["gate"]["window_union"]) == 8
+    model, tok = mlxflash.load(path, mode="flash")  # the bundle's own selector: the trained predictor
+    stats = list(mlxflash.stream_generate(model, tok, "ROMEO:", max_tokens=6))[-1].stats
+    assert 0 < stats["selected_density"] < 1
+    gate_model, _ = mlxflash.load(path, mode="flash", selector="gate")
+    assert gate_model.flash.plan.selector_bytes > 0
+
+
+def test_train_rejects_short_text_and_writes_nothing(bundles, tmp_path):
+    import shutil
+
+    from mlxflash.train import train_predictors
+
+    path = shutil.copytree(bundles["llama"], tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(UsageError, match="too short to train on"):
+        train_predictors(path, short, tokens=2048)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
