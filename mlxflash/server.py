@@ -235,9 +235,9 @@ class Job:
 class Engine:
     """The model, its kept KV cache, the one worker thread and the live figures."""
 
-    def __init__(self, sess: Session, model_id: str, max_queue: int):
+    def __init__(self, sess: Session, model_id: str, max_queue: int, worker: ThreadPoolExecutor | None = None):
         self.session, self.model_id, self.max_queue = sess, model_id, max_queue
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
+        self.worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
         self.pending = 0  # admitted and not finished (the running one included); event-loop thread only
         self.served = self.rejected = self.cancelled = self.tokens = self.tokens_decoded = 0
         self.decode_s = 0.0
@@ -651,18 +651,17 @@ def serve(args) -> None:
 
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port within 1..65535")
-    sess = session(
-        args.model,
-        verify=not args.no_verify,
-        **load_kwargs(args.mode, args.memory, selector=args.selector, window=args.window),
-    )
+    # MLX streams belong to a thread: load, generate and close on the one worker thread.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
+    opts = load_kwargs(args.mode, args.memory, selector=args.selector, window=args.window)
+    sess = worker.submit(session, args.model, verify=not args.no_verify, **opts).result()
     print(load_report(sess.model), file=sys.stderr, flush=True)
-    engine = Engine(sess, model_id_of(sess), args.max_queue)
+    engine = Engine(sess, model_id_of(sess), args.max_queue, worker)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     app = make_app(engine, origins, args.max_body)
     print(f"mlxflash: serving {engine.model_id} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
     finally:
-        engine.worker.shutdown(wait=False, cancel_futures=True)
-        sess.close()
+        worker.submit(sess.close)
+        worker.shutdown(wait=True, cancel_futures=True)

@@ -61,3 +61,27 @@ def test_chat_keeps_history_in_the_cache(default_bundle):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
+
+
+def _open_fds_on(path) -> int:
+    import os
+
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path) for fd in fds if fd.isdigit())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts file descriptors through /proc")
+def test_python_session_reuses_the_cache_and_closes(default_bundle):
+    import mlxflash
+
+    ffn = default_bundle / "ffn.bin"
+    before = _open_fds_on(ffn)
+    with mlxflash.session(default_bundle) as s:
+        assert _open_fds_on(ffn) > before
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        first = "".join(r.text for r in s.chat(messages, max_tokens=8))
+        assert "Paris" in first and s.reused_tokens == 0
+        messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
+        second = "".join(r.text for r in s.chat(messages, max_tokens=8))
+        assert "Berlin" in second and s.reused_tokens > 30
+    assert _open_fds_on(ffn) == before and s.model is None

@@ -177,6 +177,18 @@ def test_disconnect_mid_stream_frees_the_server(server, client):
     assert _raw(server, "GET", "/v1/stats")[2]["requests_cancelled"] >= 1
 
 
+def test_disconnect_while_waiting_for_a_whole_answer(server, client):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    body = {"messages": Q, "max_tokens": 400, "temperature": 0}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    time.sleep(1.5)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    start = time.perf_counter()
+    assert _chat(client, messages=Q, max_tokens=2, temperature=0).choices[0].message.content
+    assert time.perf_counter() - start < 15
+
+
 def _assert_error(status: int, body, expected: int) -> None:
     assert status == expected, body
     err = body["error"]
@@ -242,3 +254,28 @@ def test_cors_for_allowed_origins_only(server):
     assert status == 200 and headers.get("access-control-allow-origin") == ORIGIN
     status, headers, _ = _raw(server, "GET", "/health", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+def test_flash_mode_serves_with_live_figures(default_bundle):
+    """The same server in flash mode (the whole FFN as the neuron cache, so it runs on any bundle)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlxflash.cli", "serve", "--model", str(default_bundle), "--port", str(port)]
+    cmd += ["--mode", "flash", "--memory", "101MB", "--selector", "all"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if _raw(port, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        body = {"messages": Q, "max_tokens": 3, "temperature": 0}
+        status, _, r = _raw(port, "POST", "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 200 and r["usage"]["completion_tokens"] == 3
+        stats = _raw(port, "GET", "/v1/stats")[2]
+        assert stats["mode"] == "flash" and 0 <= stats["cache_hit_rate"] <= 1
+        assert stats["runtime"]["cache_capacity"] > 0
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "flash mode" in out and "Traceback" not in out, out
