@@ -5,8 +5,9 @@
                           [--warmup 2] [--trace paper|FILE] [--json PATH] [--plot PATH]
 
 What is measured. Each mode runs in its own process (so DRAM and peak RSS are its own) and drives
-the FFN layer by layer: per token and layer, the FFN input is a fixed random vector (float32, the
-same in every mode), the mode fetches what it needs (I/O), prepares it (memory management) and
+the FFN layer by layer: per token and layer, the FFN input is a fixed random vector (the same in
+every mode; in the bundle's dtype for float bundles, as mlx-lm runs a model in its weights' dtype,
+float32 for quantized ones, MLX's fast CPU path for quantized_matmul; see `activation_dtype`), the mode fetches what it needs (I/O), prepares it (memory management) and
 computes the FFN (compute). Attention, norms and the LM head cost the same in every mode: their
 projections are timed once (layer 0's, times the number of layers, plus the head) and added to
 compute; the score/softmax over a short KV cache is left out. Tokens: --warmup, then --tokens
@@ -64,7 +65,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxflash import costmodel
-from mlxflash.bundle import Bundle, mx_dtype
+from mlxflash.bundle import Bundle, dtype_name, mx_dtype
 from mlxflash.ffn import ACTIVATIONS, transpose_packed
 from mlxflash.reader import FlashReader, aligned_buffer
 
@@ -172,7 +173,7 @@ def machine(bundle: Bundle, curve: costmodel.DiskCurve, io_mode: str) -> dict:
         "blas": blas_in_use(),
         "dtype": bundle.spec.dtype,
         "quantization": bundle.spec.quantization,
-        "activations": "float32",
+        "activations": dtype_name(activation_dtype(bundle)),
         "io_mode": io_mode,
         "disk_curve": curve.meta.get("source", ""),
         "disk_sequential_gbps": curve.sequential_gbps,
@@ -489,6 +490,11 @@ class FlashDriver:
 # ---- attention (measured once) ----
 
 
+def activation_dtype(bundle: Bundle) -> mx.Dtype:
+    """Float bundles: their dtype (no converted copy of every weight per product); quantized: float32."""
+    return mx.float32 if bundle.spec.quantization else mx_dtype(bundle.spec.dtype)
+
+
 def _matvec(x: mx.array, resident: dict, weight: str) -> mx.array:
     base = weight.removesuffix(".weight")
     w = resident[weight]
@@ -501,9 +507,9 @@ def _matvec(x: mx.array, resident: dict, weight: str) -> mx.array:
 
 
 def attention_seconds(bundle: Bundle, resident: dict, repeats: int = 5) -> tuple[float, float]:
-    """(one layer's attention projections, the LM head): layer 0's, one token, float32 activations."""
+    """(one layer's attention projections, the LM head): layer 0's, one token."""
     d = bundle.spec.hidden_size
-    x = mx.random.normal((1, d), key=mx.random.key(1))
+    x = mx.random.normal((1, d), key=mx.random.key(1)).astype(activation_dtype(bundle))
     names = [k for k in resident if k.startswith("model.layers.0.self_attn.") and k.endswith(".weight")]
     head = "lm_head.weight" if "lm_head.weight" in resident else "model.embed_tokens.weight"
 
@@ -601,7 +607,8 @@ def run_mode(mode: str, args) -> ModeResult:
     budget = resolve_budget(bundle, args.memory)
     driver, resident = make_driver(mode, bundle, budget, args)
     d = bundle.spec.hidden_size
-    xs = [mx.random.normal((1, d), key=mx.random.key(100 + i)) for i in range(bundle.num_layers)]
+    dtype = activation_dtype(bundle)
+    xs = [mx.random.normal((1, d), key=mx.random.key(100 + i)).astype(dtype) for i in range(bundle.num_layers)]
     mx.eval(xs)
     attn_layer, head = attention_seconds(bundle, resident)
     attn = attn_layer * bundle.num_layers + head
@@ -857,7 +864,7 @@ def header(bundle: Bundle, budget: Budget, m: dict, args) -> str:
             f"FFN {bundle.spec.intermediate_size}, {storage}; model {budget.model_bytes / GB:.2f} GB",
             f"budget {args.memory} -> {budget.budget / GB:.2f} GB{depth}",
             f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB; MLX {m['mlx']} {m['device']}; "
-            f"BLAS {m['blas']}; activations float32; I/O {m['io_mode']}",
+            f"BLAS {m['blas']}; activations {m['activations']}; I/O {m['io_mode']}",
             f"disk: sequential {m['disk_sequential_gbps']:.2f} GB/s ({m['disk_curve']}); "
             f"median of {args.tokens} tokens after {args.warmup} warm-up; attention+head timed once and added to compute",
         ]
