@@ -28,6 +28,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--memory", help="DRAM budget: a size (4GB, 512MiB) or a share of the model (50%%)")
     p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
     p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
+    p.add_argument(
+        "--density",
+        type=float,
+        help="flash mode, predictor: share of neurons to select (default: as trained, or what fits)",
+    )
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--threads", type=int, default=8, help="reads in flight")
@@ -94,6 +99,7 @@ def _generate(args) -> None:
         memory=args.memory,
         selector=args.selector,
         window=args.window,
+        density=args.density,
         verify=not args.no_verify,
         threads=args.threads,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -21,12 +22,13 @@ from .convert import quant_params
 from .cpu import speed_up_prompts
 from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
-from .planner import Plan, choose_mode, model_bytes, plan_flash
+from .planner import Plan, TooSmall, choose_mode, model_bytes, plan_flash
 from .reader import FlashReader, aligned_buffer
 from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_rows, predictor_prefix
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 
 MODES = ("resident", "naive", "flash")
+DENSITY_MARGIN = 0.9  # re-thresholded predictors aim below the cache's capacity
 SELECTORS = ("predictor", "gate", "all")
 
 
@@ -110,6 +112,7 @@ def load_model(
     gap: int = 0,
     bundled: bool = True,
     masked_prompts: bool = False,
+    density: float | None = None,
     verify: bool = True,
     threads: int = 8,
 ) -> tuple[nn.Module, TokenizerWrapper]:
@@ -117,10 +120,12 @@ def load_model(
 
     mode: "resident", "naive" or "flash"; by default "flash" when `memory` is smaller than the model.
     """
-    overhead = current_rss_bytes()
     if mode is not None and mode not in MODES:
         raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     bundle = Bundle.open(path, verify=verify)
+    eos = bundle.config.get("eos_token_id")
+    tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    overhead = current_rss_bytes()  # the runtime itself: Python, MLX, mlx-lm, the tokenizer
     mode, budget = choose_mode(bundle, mode, memory)
     config = bundle.config
     if config.get("model_type") not in SUPPORTED:
@@ -137,8 +142,8 @@ def load_model(
     plan = Plan(mode, budget, model_bytes(bundle), bundle.resident_bytes, 0, 0)
     runtime = FlashRuntime(bundle, mode, reader, stats, bundle.resident_bytes, overhead, plan)
     if mode == "flash":
-        runtime.selector = chosen = make_selector(bundle, reader, weights, selector)
-        plan = runtime.plan = plan_flash(bundle, budget, chosen.kind, chosen.resident_bytes, window)
+        runtime.selector, plan = _plan_flash(bundle, reader, weights, selector, budget, window, density)
+        runtime.plan = plan
         runtime.options = FlashOptions(
             window=plan.window, gap=gap, bundled=bundled, masked_prompts=masked_prompts, parts=record_parts_spans(spec)
         )
@@ -161,8 +166,6 @@ def load_model(
         runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
     model.eval()
     model.flash = runtime
-    eos = config.get("eos_token_id")
-    tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     return model, tokenizer
 
 
@@ -196,7 +199,29 @@ def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> 
         block.mlp.set_records(records)
 
 
-def make_selector(bundle: Bundle, reader: FlashReader, weights: dict, choice: str | Selector | None) -> Selector:
+def _plan_flash(bundle, reader, weights, choice, budget, window, density) -> tuple[Selector, Plan]:
+    """The selector and the plan. A predictor whose trained density does not fit the budget is
+    re-thresholded (from its recorded score quantiles) to the largest density that does."""
+    selector = make_selector(bundle, reader, weights, choice, density)
+    try:
+        return selector, plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density)
+    except TooSmall as e:
+        grid = (bundle.spec.selector or {}).get("density_grid")
+        fits = e.plan.capacity / e.plan.neurons
+        if density is not None or selector.kind != "predictor" or not grid or fits < grid[0]:
+            raise
+        density = max(d for d in grid if d <= fits * DENSITY_MARGIN) if fits * DENSITY_MARGIN >= grid[0] else grid[0]
+        selector = make_selector(bundle, reader, weights, choice, density)
+        plan = plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density)
+        plan.note = (
+            f"predictor re-thresholded to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
+        )
+        return selector, plan
+
+
+def make_selector(
+    bundle: Bundle, reader: FlashReader, weights: dict, choice: str | Selector | None, density: float | None = None
+) -> Selector:
     """The selector asked for, else the one recorded in the bundle."""
     if isinstance(choice, Selector) or (choice is not None and not isinstance(choice, str)):
         return choice
@@ -217,7 +242,15 @@ def make_selector(bundle: Bundle, reader: FlashReader, weights: dict, choice: st
             raise UsageError(
                 f"{bundle.path}: no predictors in this bundle; train them with `python tools/train_predictors.py {bundle.path} --text FILE`"
             )
-        return PredictorSelector(weights, recorded["predictor_threshold"])
+        if density is None:
+            return PredictorSelector(weights, recorded["predictor_threshold"])
+        if "score_quantiles" not in recorded:
+            raise UsageError(
+                f"{bundle.path}: these predictors carry no score quantiles; retrain them to choose a density"
+            )
+        grid = recorded["density_grid"]
+        logits = [float(np.interp(density, grid, q)) for q in recorded["score_quantiles"]]
+        return PredictorSelector(weights, logits=logits)
     if not spec.gated:
         raise UsageError(f"{bundle.path}: the gate selector needs a gated (SwiGLU) FFN")
     if "gate_threshold" not in recorded:

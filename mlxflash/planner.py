@@ -65,6 +65,8 @@ class Plan:
     record_bytes: int = 0
     layers: int = 0
     selector: str = ""
+    density: float = 0.0  # expected share of neurons selected per token
+    note: str = ""  # what the planner changed to fit the budget
 
     @property
     def cache_bytes(self) -> int:
@@ -91,9 +93,11 @@ class Plan:
             f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head, predictors",
             f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; prompt buffer {_mb(self.prompt_buffer_bytes)} (one FFN block)",
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
-            f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}",
+            f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
         ]
+        if self.note:
+            lines.append(f"  {self.note}")
         return "\n".join(lines)
 
 
@@ -114,9 +118,16 @@ def choose_mode(bundle: Bundle, mode: str | None, memory) -> tuple[str, int | No
 
 
 def plan_flash(
-    bundle: Bundle, budget: int | None, selector: str, selector_bytes: int, window: int | None = None
+    bundle: Bundle,
+    budget: int | None,
+    selector: str,
+    selector_bytes: int,
+    window: int | None = None,
+    density: float | None = None,
 ) -> Plan:
-    """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN)."""
+    """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN).
+
+    `density` is the share of neurons the selector will pick (None: as measured at training)."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
     prompt_buffer = max(spec.block_bytes(i) for i in range(layers))
@@ -133,8 +144,9 @@ def plan_flash(
         selector=selector,
     )
     stats = (spec.selector or {}).get("stats", {}).get(selector, {})
-    density = 1.0 if selector == "all" else stats.get("density", 0.0)
-    union = stats.get("window_union") or []  # expected union share of n for windows 1..len
+    union = stats.get("window_union") or [] if density is None else []  # union share of n, windows 1..8
+    density = density if density is not None else (1.0 if selector == "all" else stats.get("density", 0.0))
+    plan.density = density
     if budget is None:
         plan.capacity = n
     else:
@@ -142,14 +154,23 @@ def plan_flash(
         plan.capacity = min(n, max(0, (budget - fixed) // (layers * R)))
         need = max(1, int(n * max(density, union[0] if union else 0.0)))
         if plan.capacity < need:
-            raise UsageError(
+            raise TooSmall(
                 f"--memory {_mb(budget)} is too small: {_mb(fixed)} must stay resident (weights "
                 f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, prompt buffer {_mb(prompt_buffer)}) and "
-                f"the cache needs at least {_mb(need * layers * R)} for one token's neurons; "
-                f"the smallest workable budget is about {_mb(fixed + need * layers * R)}"
+                f"the cache needs at least {_mb(need * layers * R)} for one token's neurons at density {density:.2f}; "
+                f"the smallest workable budget is about {_mb(fixed + need * layers * R)}",
+                plan,
             )
     plan.window = window or _largest_window(plan.capacity, n, union, density)
     return plan
+
+
+class TooSmall(UsageError):
+    """The budget cannot hold one token's neurons; carries the plan so a caller may pick a lower density."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
 
 
 def _largest_window(capacity: int, n: int, union: list[float], density: float) -> int:

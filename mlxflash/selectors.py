@@ -52,13 +52,16 @@ class AllSelector(Selector):
 class PredictorSelector(Selector):
     kind = "predictor"
 
-    def __init__(self, weights: dict[str, mx.array], thresholds: list[float]):
-        layers = len(thresholds)
+    def __init__(
+        self, weights: dict[str, mx.array], thresholds: list[float] | None = None, logits: list[float] | None = None
+    ):
+        """Per-layer thresholds as probabilities, or directly as pre-sigmoid `logits`."""
+        layers = len(thresholds if logits is None else logits)
         self.a = [weights[predictor_prefix(i) + "a.weight"] for i in range(layers)]  # (r, d)
         self.b = [weights[predictor_prefix(i) + "b.weight"] for i in range(layers)]  # (n, r)
         self.bias = [weights[predictor_prefix(i) + "b.bias"] for i in range(layers)]  # (n,)
         # sigmoid(z) > t  <=>  z > logit(t): no sigmoid at run time
-        self.logit = [math.log(t / (1 - t)) for t in thresholds]
+        self.logit = logits if logits is not None else [math.log(t / (1 - t)) for t in thresholds]
         self.resident_bytes = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c in zip(self.a, self.b, self.bias))
 
     def scores(self, layer: int, x: mx.array) -> mx.array:

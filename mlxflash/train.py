@@ -29,6 +29,7 @@ from .planner import MAX_WINDOW
 from .selectors import predictor_prefix
 
 MIN_TOKENS = 256
+DENSITY_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)  # densities the planner can re-threshold to
 
 
 @dataclass
@@ -188,6 +189,7 @@ def train_predictors(
     model.flash.close()
     split = int(len(ids) * (1 - heldout))
     weights, reports, gate_thresholds, pred_thresholds, pred_masks, gate_masks = {}, [], [], [], [], []
+    score_quantiles = []  # per layer: the pre-sigmoid score at which each DENSITY_GRID share is selected
     for layer in tqdm(range(bundle.num_layers), desc="train", unit="layer"):
         x, sig = inputs[layer], signals[layer]
         if gated:  # the exact gate set at the target density, one threshold per layer
@@ -201,6 +203,7 @@ def train_predictors(
         scores = np.asarray(predictor(mx.array(x.astype(np.float32))))
         p = threshold_for_recall(scores[:split], target[:split], recall)
         pred_thresholds.append(p)
+        score_quantiles.append(np.quantile(scores[split:], DENSITY_GRID[::-1]).tolist())
         chosen = scores[split:] > math.log(p / (1 - p))
         pred_masks.append(chosen)
         reports.append(_report(layer, chosen, target[split:]))
@@ -213,6 +216,8 @@ def train_predictors(
         "target": "gate" if gated else "nonzero",
         "rank": [rank] * bundle.num_layers,
         "predictor_threshold": pred_thresholds,
+        "density_grid": DENSITY_GRID.tolist(),
+        "score_quantiles": score_quantiles,
         "target_recall": recall,
         "trained_on": {
             "text": Path(text).name,
