@@ -227,15 +227,19 @@ class FlashFFN(NaiveFFN):
         records = self._blocks.read_block(self._layer)
         w = self._timed_weights(records)
         k = min(self._options.window, x.shape[-2])
-        masks = self._selector.select(self._layer, x[0, -k:] if self._options.masked_prompts is False else x[0])
-        mask = _window_union(masks, self._options.window) if self._options.masked_prompts else None
-        y = self.dense(x, w, mask)
-        mx.eval(y, masks)
+        if self._options.masked_prompts:  # x (B, L, d): each position with its own window's neurons
+            masks = mx.array(self._selector.select(self._layer, x))  # (B, L, n)
+            y = self.dense(x, w, _window_union(masks, self._options.window))
+            seeds = masks[0, -k:]
+        else:
+            y = self.dense(x, w)
+            seeds = mx.array(self._selector.select(self._layer, x[0, -k:]))  # (k, n)
+        mx.eval(y, seeds)
         block = np.asarray(records)
         if self._pending is not None:
             mx.eval(self._pending)
         t0 = time.perf_counter()
-        for m in np.asarray(masks[-k:]):
+        for m in np.asarray(seeds):
             missing, start = self._cache.update(np.flatnonzero(m).astype(np.int32))
             self._cache.fill_from_block(block, missing, start)
         self._stats.mem_seconds += time.perf_counter() - t0
@@ -250,9 +254,9 @@ def _selected_ids(selection) -> np.ndarray:
 
 
 def _window_union(masks: mx.array, window: int) -> mx.array:
-    """masks (T, n) -> (T, n): token t keeps the union of tokens t-window+1..t (what the cache holds)."""
+    """masks (..., T, n) -> (..., T, n): token t keeps the union of tokens t-window+1..t (the cache's rows)."""
     out = masks
-    for shift in range(1, min(window, masks.shape[0])):
-        pad = mx.zeros((shift, masks.shape[1]), dtype=mx.bool_)
-        out = out | mx.concatenate([pad, masks[:-shift]], axis=0)
+    for shift in range(1, min(window, masks.shape[-2])):
+        pad = mx.zeros((*masks.shape[:-2], shift, masks.shape[-1]), dtype=mx.bool_)
+        out = out | mx.concatenate([pad, masks[..., :-shift, :]], axis=-2)
     return out.astype(mx.float32)

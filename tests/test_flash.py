@@ -126,6 +126,9 @@ def test_masked_prompt_equals_token_by_token_flash(bundles, window):
     np.testing.assert_allclose(whole, decode_logits(stepwise), atol=1e-4, rtol=1e-4)
     dense, _ = mlxflash.load(path, mode="resident")
     assert not np.allclose(whole, np.array(dense(mx.array([TOKENS]))), atol=1e-3)  # the masks mattered
+    batch = np.array(masked(mx.array([TOKENS, TOKENS[::-1]])))  # batched scoring: rows stay independent
+    np.testing.assert_allclose(batch[:1], whole, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(batch[1:], np.array(masked(mx.array([TOKENS[::-1]]))), atol=1e-4, rtol=1e-4)
 
 
 def test_windowed_cache_reads_only_new_neurons(bundles):
