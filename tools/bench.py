@@ -902,6 +902,14 @@ def plot(results: list[ModeResult], curve: costmodel.DiskCurve, path: Path) -> N
     fig.savefig(path, dpi=120)
 
 
+def _openblas() -> None:
+    try:
+        from mlxflash.cpu import reexec_with_openblas
+    except ImportError:
+        return
+    reexec_with_openblas()
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
@@ -958,4 +966,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _openblas()  # as the CLI does; the children inherit the preload (MLXFLASH_BLAS=reference opts out)
     sys.exit(main())
