@@ -41,8 +41,9 @@ then resolved for the full-depth model and scaled per layer (embeddings, head an
 the prompt/streaming buffer, counted once), so per-layer numbers match the full model's, and a
 second table extrapolates every mode to the real depth (head once, per-layer costs scaled).
 
-Predicted I/O: the cost model (mlxflash.costmodel, the stored disk probe or the reference curve)
-at the mode's mean read size and thread count; read GB/s is bytes per token / I/O time.
+Predicted I/O: the cost model (mlxflash.costmodel, the stored disk probe or the reference curve):
+naive and hybrid stream contiguous ranges, predicted at the probe's sequential figure; flash at the
+random-read curve for its mean read size and thread count. Read GB/s is bytes per token / I/O time.
 """
 
 from __future__ import annotations
@@ -645,9 +646,7 @@ def summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, d
     r.total_ms = 1e3 * statistics.median(totals)
     r.bytes_per_token, r.reads_per_token = nbytes, reads
     r.read_gbps = nbytes / io / GB if io > 0 else 0.0
-    r.predicted_io_ms = (
-        1e3 * costmodel.predict_io_seconds(nbytes, chunk, max(threads, 1), curve) if mode != "mmap" else 0.0
-    )
+    r.predicted_io_ms = 1e3 * predicted_io(driver, nbytes, chunk, threads, curve) if mode != "mmap" else 0.0
     if disk0 is not None and disk1 is not None:
         r.disk_bytes_per_token = (disk1 - disk0) / len(clocks)
     r.peak_rss_bytes, r.attention_ms = peak_rss_bytes(), 1e3 * attn
@@ -660,6 +659,14 @@ def summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, d
     r.extra = driver.extra() if hasattr(driver, "extra") else {}
     r.extra["peak_rss_bytes"] = r.peak_rss_bytes
     return r
+
+
+def predicted_io(driver, nbytes: float, chunk: float, threads: int, curve: costmodel.DiskCurve) -> float:
+    """Seconds the cost model expects: contiguous streaming (naive, hybrid) at the probe's sequential
+    figure, scattered reads at the random-read curve for their mean size and concurrency."""
+    if isinstance(driver, BaselineDriver) and curve.sequential_gbps > 0:
+        return nbytes / (curve.sequential_gbps * GB)
+    return costmodel.predict_io_seconds(nbytes, chunk, max(threads, 1), curve)
 
 
 def dram_bytes(mode, driver, bundle: Bundle, budget: Budget, args) -> float:
