@@ -62,7 +62,7 @@ class PredictorSelector(Selector):
         self.bias = [weights[predictor_prefix(i) + "b.bias"] for i in range(layers)]  # (n,)
         # sigmoid(z) > t  <=>  z > logit(t): no sigmoid at run time
         self.logit = logits if logits is not None else [math.log(t / (1 - t)) for t in thresholds]
-        self.resident_bytes = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c in zip(self.a, self.b, self.bias))
+        self.resident_bytes = 0  # its weights are part of resident.safetensors, counted there
 
     def scores(self, layer: int, x: mx.array) -> mx.array:
         """Pre-sigmoid scores (T, n)."""
