@@ -1,9 +1,11 @@
 """The DRAM neuron cache of one layer (PAPER.md, "DRAM memory management").
 
-One matrix of `capacity` neuron records is allocated once (aligned, touched) and never reallocated.
-`index[row]` is the neuron in a row, `used` the number of rows in use: rows [0, used) hold exactly the
-union of the last `window` tokens' selections. Deleting moves the last used rows into the freed ones;
-inserting appends. Reads of missing records land straight in their rows.
+The cache's matrices (one per record field) are allocated once (aligned, touched) and never
+reallocated. `index[row]` is the neuron in a row, `used` the number of rows in use: rows [0, used)
+hold exactly the union of the last `window` tokens' selections. Deleting moves the last used rows into
+the freed ones; inserting appends. Missing records are read whole (one read per run of adjacent
+neurons) into an aligned staging buffer and split into the field matrices: a copy of the new rows
+only, so that the FFN multiplies with contiguous matrices instead of copying every cached row.
 """
 
 from __future__ import annotations
@@ -14,25 +16,43 @@ from collections import deque
 import mlx.core as mx
 import numpy as np
 
-from .reader import FlashReader, aligned_buffer
+from .bundle import RecordLayout, mx_dtype
+from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .stats import RuntimeStats
 
 
 class NeuronCache:
-    def __init__(self, neurons: int, capacity: int, record_bytes: int, window: int):
+    """Per field of the record (gate.weight, up.scales, ..., down.weight) one matrix of `capacity` rows,
+    so the FFN multiplies with contiguous prefixes and never copies the cache. Records arrive whole
+    (row-column bundling: one read per run of neurons) and are split into the field matrices."""
+
+    def __init__(self, neurons: int, capacity: int, layout: RecordLayout, window: int):
         if capacity < 1 or window < 1:
             raise ValueError(f"cache capacity {capacity} and window {window} must be >= 1")
-        self.neurons, self.capacity, self.record_bytes = neurons, min(capacity, neurons), record_bytes
+        self.neurons, self.capacity, self.layout = neurons, min(capacity, neurons), layout
+        self.record_bytes = layout.nbytes
         self.window = window
-        flat, flat_np = aligned_buffer(self.capacity * record_bytes)
-        self.matrix = flat.reshape(self.capacity, record_bytes)  # (capacity, R) uint8, MLX
-        self.rows_np = flat_np.reshape(self.capacity, record_bytes)  # the same memory, numpy
+        self.fields: dict[str, mx.array] = {}  # name -> (capacity, count) MLX matrix
+        self.fields_np: dict[str, np.ndarray] = {}  # the same memory, as (capacity, nbytes) uint8
+        for f in layout.fields:
+            flat, flat_np = aligned_buffer(self.capacity * f.nbytes)
+            self.fields[f.name] = flat.view(mx_dtype(f.dtype)).reshape(self.capacity, f.count)
+            self.fields_np[f.name] = flat_np.reshape(self.capacity, f.nbytes)
+        self._staging, self._staging_np = aligned_buffer(DIRECT_ALIGN)  # grows to the largest fill
         self.index = np.full(self.capacity, -1, dtype=np.int32)  # row -> neuron
         self.row_of = np.full(neurons, -1, dtype=np.int32)  # neuron -> row
         self.count = np.zeros(neurons, dtype=np.int32)  # how many window entries hold the neuron
         self.used = 0
         self.history: deque[np.ndarray] = deque()
         self.dropped = 0  # selected neurons left out because the cache was full
+
+    def clear(self) -> None:
+        """Forget every cached neuron (the memory stays allocated)."""
+        self.index[:] = -1
+        self.row_of[:] = -1
+        self.count[:] = 0
+        self.used = 0
+        self.history.clear()
 
     def update(self, selected: np.ndarray) -> tuple[np.ndarray, int]:
         """Slide the window to include `selected` (sorted ids). Returns the missing ids (sorted) and the
@@ -79,11 +99,30 @@ class NeuronCache:
         movers = np.flatnonzero(live[new_used:]) + new_used
         self.row_of[self.index[freed]] = -1
         if len(holes):
-            self.rows_np[holes] = self.rows_np[movers]
+            for rows in self.fields_np.values():
+                rows[holes] = rows[movers]
             self.index[holes] = self.index[movers]
             self.row_of[self.index[holes]] = holes
         self.index[new_used : self.used] = -1
         self.used = new_used
+
+    def write_records(self, start: int, records: np.ndarray) -> None:
+        """Split whole records (m, R) uint8 into the field matrices at rows start..start+m."""
+        m = len(records)
+        for f in self.layout.fields:
+            self.fields_np[f.name][start : start + m] = records[:, f.offset : f.offset + f.nbytes]
+
+    def read_record(self, row: int) -> np.ndarray:
+        """Row `row` as a whole record (R,) uint8 (tests, inspection)."""
+        out = np.zeros(self.record_bytes, dtype=np.uint8)
+        for f in self.layout.fields:
+            out[f.offset : f.offset + f.nbytes] = self.fields_np[f.name][row]
+        return out
+
+    def _stage(self, nbytes: int) -> np.ndarray:
+        if self._staging_np.nbytes < nbytes:
+            self._staging, self._staging_np = aligned_buffer(max(nbytes, 2 * self._staging_np.nbytes))
+        return self._staging_np[:nbytes]
 
     def fill_from_disk(
         self,
@@ -94,38 +133,32 @@ class NeuronCache:
         gap: int = 0,
         parts: list | None = None,
     ) -> None:
-        """Read the missing records into rows start.. (coalescing runs, reading through gaps <= `gap` records).
-
-        `parts` [(offset, bytes), ...] turns bundling off: each part of each record is then its own read."""
+        """Read the missing records and put them in rows start.. . Adjacent records are one read; runs
+        with gaps of at most `gap` records are read through. `parts` [(offset, bytes), ...] turns
+        bundling off: each part of each record is then its own read (the ablation)."""
         R = self.record_bytes
-        direct, spans = [], []
-        for lo, hi in runs(missing, gap):  # index range [lo, hi) of `missing`
-            first, last = int(missing[lo]), int(missing[hi - 1])
-            dest = self.rows_np[start + lo : start + hi].reshape(-1)
-            if last - first + 1 == hi - lo:  # no gap: straight into the rows
-                if parts is None:
-                    direct.append((block_offset + first * R, dest))
-                else:
-                    direct.extend(_unbundled(block_offset, R, first, dest, parts))
-            else:
-                spans.append((lo, hi, first, last))
-        scratch = []
-        for lo, hi, first, last in spans:
-            buf = np.empty((last - first + 1) * R, dtype=np.uint8)
-            scratch.append((lo, hi, first, buf))
-            direct.append((block_offset + first * R, buf))
-        reader.read(direct)
-        for lo, hi, first, buf in scratch:  # keep only the wanted records of a read-through span
-            rel = missing[lo:hi] - first
-            self.rows_np[start + lo : start + hi] = buf.reshape(-1, R)[rel]
+        spans = runs(missing, gap)
+        sizes = [int(missing[hi - 1] - missing[lo]) + 1 for lo, hi in spans]
+        staging = self._stage(sum(sizes) * R).reshape(-1, R)
+        reads, base, wanted = [], 0, np.empty(len(missing), dtype=np.int64)
+        for (lo, hi), size in zip(spans, sizes):
+            first = int(missing[lo])
+            dest = staging[base : base + size].reshape(-1)
+            reads.extend(
+                [(block_offset + first * R, dest)] if parts is None else _unbundled(block_offset, R, first, dest, parts)
+            )
+            wanted[lo:hi] = base + missing[lo:hi] - first
+            base += size
+        reader.read(reads)
+        self.write_records(start, staging[wanted] if base != len(missing) else staging[: len(missing)])
 
     def fill_from_block(self, block: np.ndarray, missing: np.ndarray, start: int) -> None:
         """Copy records from a layer block already in memory (prompt processing seeds the window)."""
-        self.rows_np[start : start + len(missing)] = block[missing]
+        self.write_records(start, block[missing])
 
-    def views(self) -> tuple[mx.array, mx.array]:
-        """(rows in use (used, R) uint8, their neuron ids (used,) int32) as MLX arrays."""
-        return self.matrix[: self.used], mx.array(self.index[: self.used])
+    def views(self) -> tuple[dict[str, mx.array], mx.array]:
+        """The fields of the rows in use, {name: (used, count)} (contiguous, no copy), and their neuron ids."""
+        return {name: m[: self.used] for name, m in self.fields.items()}, mx.array(self.index[: self.used])
 
 
 def runs(ids: np.ndarray, gap: int) -> list[tuple[int, int]]:

@@ -122,10 +122,9 @@ class FFN(nn.Module):
             y = h @ w["down.weight"]
         return self._output(y)
 
-    def sparse(self, x: mx.array, rows: mx.array, ids: mx.array) -> mx.array:
-        """x: (..., d) through the neurons `ids` whose records are `rows` (n, R), in any order."""
-        layout, q = self._spec.record, self._spec.quantization
-        w = {name: layout.view(rows, name) for name in layout.names()}
+    def sparse(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
+        """x: (..., d) through the neurons `ids` whose record fields are `w` ({name: (n, count)}), in any order."""
+        q = self._spec.quantization
         h = self._hidden(x, w, self.up_bias[ids] if "up_bias" in self else None)  # (..., n)
         if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
             group = ids // q["down"]["group_size"]
@@ -199,7 +198,7 @@ class FlashFFN(NaiveFFN):
     ):
         super().__init__(layer, spec, stats, blocks, biases)
         self._reader, self._selector, self._options = reader, selector, options
-        self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record.nbytes, options.window)
+        self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record, options.window)
         self._pending: mx.array | None = None  # the last output computed from the cache rows
 
     def __call__(self, x: mx.array) -> mx.array:

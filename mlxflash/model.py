@@ -93,7 +93,7 @@ class FlashRuntime:
     def reset(self) -> None:
         """Forget the cached neurons (a new conversation)."""
         for f in self.ffns:
-            f._cache.__init__(f._cache.neurons, f._cache.capacity, f._cache.record_bytes, f._cache.window)
+            f._cache.clear()
 
     def close(self) -> None:
         self.reader.close()

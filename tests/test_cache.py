@@ -7,13 +7,22 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlxflash.bundle import RecordLayout
 from mlxflash.cache import NeuronCache, runs
 
 N, R = 40, 16
+LAYOUT = RecordLayout.build([("gate.weight", "uint8", 3), ("up.weight", "float32", 2), ("down.weight", "uint16", 1)])
+assert LAYOUT.nbytes == R
+
+
+FIELD_BYTES = np.zeros(R, dtype=np.uint8)
+for _f in LAYOUT.fields:
+    FIELD_BYTES[_f.offset : _f.offset + _f.nbytes] = 1
 
 
 def record(neuron: int) -> np.ndarray:
-    return np.full(R, neuron % 251, dtype=np.uint8) + np.arange(R, dtype=np.uint8)
+    """A distinct record per neuron (padding bytes zero, as the cache keeps fields only)."""
+    return (np.full(R, neuron % 251, dtype=np.uint8) + np.arange(R, dtype=np.uint8)) * FIELD_BYTES
 
 
 selections = st.lists(st.sets(st.integers(0, N - 1), max_size=N), min_size=1, max_size=25)
@@ -23,8 +32,9 @@ def _apply(cache: NeuronCache, selected: set[int]) -> np.ndarray:
     ids = np.array(sorted(selected), dtype=np.int32)
     missing, start = cache.update(ids)
     assert np.all(np.diff(missing) > 0)
-    for k, neuron in enumerate(missing):  # what a read would put there
-        cache.rows_np[start + k] = record(int(neuron))
+    cache.write_records(
+        start, np.stack([record(int(n)) for n in missing]) if len(missing) else np.zeros((0, R), np.uint8)
+    )
     return ids
 
 
@@ -36,26 +46,27 @@ def _check(cache: NeuronCache, expected_union: set[int]):
     assert np.all(cache.row_of[held] == np.arange(used))  # bijection rows <-> cached neurons
     assert np.count_nonzero(cache.row_of >= 0) == used
     for row, neuron in enumerate(held):
-        assert np.array_equal(cache.rows_np[row], record(int(neuron)))
+        assert np.array_equal(cache.read_record(row), record(int(neuron)))
 
 
 @settings(max_examples=150, deadline=None)
 @given(seq=selections, window=st.integers(1, 6))
 def test_rows_hold_exactly_the_window_union(seq, window):
-    cache = NeuronCache(N, N, R, window)
-    pointer = cache.rows_np.ctypes.data
-    matrix = cache.matrix
+    cache = NeuronCache(N, N, LAYOUT, window)
+    pointers = {k: v.ctypes.data for k, v in cache.fields_np.items()}
+    matrices = dict(cache.fields)
     for t, selected in enumerate(seq):
         _apply(cache, selected)
         _check(cache, set().union(*seq[max(0, t - window + 1) : t + 1]))
-        assert cache.rows_np.ctypes.data == pointer and cache.matrix is matrix  # no reallocation
+        assert {k: v.ctypes.data for k, v in cache.fields_np.items()} == pointers  # no reallocation
+        assert all(cache.fields[k] is m for k, m in matrices.items())
         assert cache.dropped == 0
 
 
 @settings(max_examples=150, deadline=None)
 @given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N))
 def test_full_cache_drops_oldest_tokens_first(seq, window, capacity):
-    cache = NeuronCache(N, capacity, R, window)
+    cache = NeuronCache(N, capacity, LAYOUT, window)
     for selected in seq:
         ids = _apply(cache, selected)
         kept = set().union(*[set(h.tolist()) for h in cache.history])

@@ -208,3 +208,16 @@ def test_train_rejects_short_text_and_writes_nothing(bundles, tmp_path):
     with pytest.raises(UsageError, match="too short to train on"):
         train_predictors(path, short, tokens=2048)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+@pytest.mark.parametrize("options", [{"gap": 3}, {"gap": -1}, {"bundled": False}])
+def test_read_options_do_not_change_results(bundles, options):
+    """Coalescing with read-through gaps, one read per record, or per record part: same rows, same logits."""
+    path = bundles["opt"]
+    base, _ = mlxflash.load(path, mode="flash", selector=oracle(path), window=2)
+    other, _ = mlxflash.load(path, mode="flash", selector=oracle(path), window=2, **options)
+    np.testing.assert_array_equal(decode_logits(other), decode_logits(base))
+    reads = other.flash.reader.counters.reads
+    assert (
+        reads > base.flash.reader.counters.reads if options != {"gap": 3} else reads <= base.flash.reader.counters.reads
+    )
