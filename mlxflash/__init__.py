@@ -49,4 +49,6 @@ def _flash_wanted(path: Path, mode: str | None, memory) -> bool:
     from .bundle import Bundle
     from .planner import choose_mode
 
-    return mode == "flash" or (mode is None and memory is not None and choose_mode(Bundle.open(path, verify=False), None, memory)[0] == "flash")
+    return mode == "flash" or (
+        mode is None and memory is not None and choose_mode(Bundle.open(path, verify=False), None, memory)[0] == "flash"
+    )

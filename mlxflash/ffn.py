@@ -174,7 +174,7 @@ class NaiveFFN(FFN):
 class FlashOptions:
     """Run-time knobs of flash mode (the bench's ablations turn them off one by one)."""
 
-    window: int = 4  # tokens whose selections stay cached
+    window: int = 4  # tokens whose selections stay cached; 0: no reuse at all (the predictor-only ablation)
     gap: int = 0  # read through gaps of up to this many records; -1: no coalescing at all
     bundled: bool = True  # one read per run of records; False: gate, up, down read separately
     masked_prompts: bool = False  # evaluate prompts with per-token selections instead of dense
@@ -198,7 +198,7 @@ class FlashFFN(NaiveFFN):
     ):
         super().__init__(layer, spec, stats, blocks, biases)
         self._reader, self._selector, self._options = reader, selector, options
-        self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record, options.window)
+        self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record, max(1, options.window))
         self._pending: mx.array | None = None  # the last output computed from the cache rows
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -208,6 +208,8 @@ class FlashFFN(NaiveFFN):
         selected = _selected_ids(mask)
         if self._pending is not None:  # rows are about to move: finish what still reads them
             mx.eval(self._pending)
+        if self._options.window == 0:  # every token loads all of its neurons afresh
+            self._cache.clear()
         missing, start = timed_update(self._cache, selected, self._stats)
         o = self._options
         self._cache.fill_from_disk(

@@ -161,7 +161,7 @@ def plan_flash(
                 f"the smallest workable budget is about {_mb(fixed + need * layers * R)}",
                 plan,
             )
-    plan.window = window or _largest_window(plan.capacity, n, union, density)
+    plan.window = window if window is not None else _largest_window(plan.capacity, n, union, density)
     return plan
 
 

@@ -131,6 +131,13 @@ def test_masked_prompt_equals_token_by_token_flash(bundles, window):
     np.testing.assert_allclose(batch[1:], np.array(masked(mx.array([TOKENS[::-1]]))), atol=1e-4, rtol=1e-4)
 
 
+def test_window_zero_reloads_every_neuron(bundles):
+    path = bundles["opt"]
+    flash, tok = mlxflash.load(path, mode="flash", selector=oracle(path), window=0)
+    stats = list(mlxflash.stream_generate(flash, tok, "hello there", max_tokens=8))[-1].stats
+    assert stats["cache_hit_rate"] == 0 and stats["new_neurons_per_token"] > 0
+
+
 def test_windowed_cache_reads_only_new_neurons(bundles):
     path = bundles["opt"]
     flash, tok = mlxflash.load(path, mode="flash", selector=oracle(path), window=4)

@@ -74,7 +74,7 @@ BASELINES = ("naive", "hybrid", "mmap", "resident")
 # mode -> mlxflash.load options. window None: the runtime picks it from the budget; gap -1: no
 # coalescing, "auto": the cost model's read-through gap (mlxflash.costmodel.plan_io) in records.
 FLASH_MODES = {
-    "flash-predictor": {"window": 1, "bundled": False, "gap": -1},
+    "flash-predictor": {"window": 0, "bundled": False, "gap": -1},
     "flash-window": {"window": None, "bundled": False, "gap": -1},
     "flash-bundle": {"window": None, "bundled": True, "gap": -1},
     "flash": {"window": None, "bundled": True, "gap": "auto"},
