@@ -471,11 +471,12 @@ def evaluate_mode(path, request: EvalRequest, mode: str | None, progress: bool =
 
 
 def _config(model, load_kwargs: dict) -> dict:
-    """What identifies the operating point: memory, selector, window."""
+    """What identifies the operating point: memory, selector, density, window."""
     runtime = model.flash
     out = {"memory": load_kwargs.get("memory")}
     if runtime.mode == "flash":
-        out.update(selector=runtime.plan.selector, window=runtime.options.window)
+        plan = runtime.plan
+        out.update(selector=plan.selector, density=getattr(plan, "density", None), window=runtime.options.window)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -495,7 +496,9 @@ def difference(base: dict, other: dict) -> dict:
 
 def format_run(run: dict) -> str:
     """One line per run."""
-    where = f"{run['mode']:<9}" + "".join(f" {k}={run[k]}" for k in ("memory", "selector", "window") if k in run)
+    where = f"{run['mode']:<9}" + "".join(
+        f" {k}={run[k]}" for k in ("memory", "selector", "density", "window") if k in run
+    )
     if "tokens" in run:
         lo, hi = run["ci95"]
         return (
@@ -547,6 +550,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--memory", help="DRAM budget for flash mode (4GB, 50%%)")
     p.add_argument("--selector", choices=("predictor", "gate", "all"), help="flash mode: how neurons are picked")
     p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached")
+    p.add_argument("--density", type=float, help="flash mode: share of neurons to select (as in generate)")
     p.add_argument("--compare", action="store_true", help="evaluate resident and --compare-mode, print both")
     p.add_argument("--compare-mode", choices=("naive", "flash"), default="flash", help="default flash")
     p.add_argument("--json", help="write {'runs': [...]} to this path")
@@ -556,7 +560,7 @@ def add_eval_parser(sub) -> None:
 
 
 def _check(args) -> None:
-    for name in ("context", "stride", "tokens", "limit", "window"):
+    for name in ("context", "stride", "tokens", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} {value}: must be at least 1")
@@ -570,7 +574,7 @@ def run_cli(args) -> None:
     _check(args)
     request = EvalRequest(args.perplexity, args.context, args.stride, args.tokens, args.task, args.data, args.limit)
     progress = not args.no_progress
-    flash_kwargs = {"memory": args.memory, "selector": args.selector, "window": args.window}
+    flash_kwargs = {"memory": args.memory, "selector": args.selector, "window": args.window, "density": args.density}
     common = {"verify": not args.no_verify}
     if args.compare:
         runs = [evaluate_mode(args.model, request, "resident", progress, **common)]
