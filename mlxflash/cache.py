@@ -38,7 +38,6 @@ class NeuronCache:
             flat, flat_np = aligned_buffer(self.capacity * f.nbytes)
             self.fields[f.name] = flat.view(mx_dtype(f.dtype)).reshape(self.capacity, f.count)
             self.fields_np[f.name] = flat_np.reshape(self.capacity, f.nbytes)
-        self._staging, self._staging_np = aligned_buffer(DIRECT_ALIGN)  # grows to the largest fill
         self.index = np.full(self.capacity, -1, dtype=np.int32)  # row -> neuron
         self.row_of = np.full(neurons, -1, dtype=np.int32)  # neuron -> row
         self.count = np.zeros(neurons, dtype=np.int32)  # how many window entries hold the neuron
@@ -119,10 +118,14 @@ class NeuronCache:
             out[f.offset : f.offset + f.nbytes] = self.fields_np[f.name][row]
         return out
 
-    def _stage(self, nbytes: int) -> np.ndarray:
-        if self._staging_np.nbytes < nbytes:
-            self._staging, self._staging_np = aligned_buffer(max(nbytes, 2 * self._staging_np.nbytes))
-        return self._staging_np[:nbytes]
+    _staging: tuple | None = None  # shared by all layers' caches (one fill at a time), grows as needed
+
+    @classmethod
+    def _stage(cls, nbytes: int) -> np.ndarray:
+        if cls._staging is None or cls._staging[1].nbytes < nbytes:
+            size = max(nbytes, DIRECT_ALIGN, 2 * cls._staging[1].nbytes if cls._staging else 0)
+            cls._staging = aligned_buffer(size)
+        return cls._staging[1][:nbytes]
 
     def fill_from_disk(
         self,

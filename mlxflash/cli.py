@@ -29,6 +29,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
     p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
     p.add_argument(
+        "--gate-bits",
+        type=int,
+        choices=(2, 3, 4),
+        help="flash mode, gate selector: select from a low-bit copy of the gate",
+    )
+    p.add_argument(
         "--density",
         type=float,
         help="flash mode, predictor: share of neurons to select (default: as trained, or what fits)",
@@ -100,6 +106,7 @@ def _generate(args) -> None:
         selector=args.selector,
         window=args.window,
         density=args.density,
+        gate_bits=args.gate_bits,
         verify=not args.no_verify,
         threads=args.threads,
     )

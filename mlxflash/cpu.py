@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 MANY_ROWS = 8  # from here on, dequantize + BLAS beats the CPU quantized kernel
+SLICE_ROWS = 4096
 
 
 def blas_in_use() -> str:
@@ -45,9 +46,18 @@ def quantized_matmul(
 ) -> mx.array:
     """x @ dequantize(w).T, the same product as mx.quantized_matmul(..., transpose=True)."""
     rows = x.size // x.shape[-1]
-    if rows >= MANY_ROWS and on_cpu():
-        return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype).T
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    if rows < MANY_ROWS or not on_cpu():
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    # Dequantize a slice of output rows at a time: a 49k-token LM head would be 113 MB at once.
+    parts = []
+    for lo in range(0, w.shape[0], SLICE_ROWS):
+        sl = slice(lo, lo + SLICE_ROWS)
+        dense = mx.dequantize(
+            w[sl], scales[sl], None if biases is None else biases[sl], group_size=group_size, bits=bits
+        )
+        parts.append(x @ dense.astype(x.dtype).T)
+        mx.eval(parts[-1])  # frees this slice's dequantized weights before the next
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
 class PromptQuantizedLinear(nn.QuantizedLinear):

@@ -7,6 +7,7 @@ mode's source: all in memory (`resident`) or the whole block re-read at every to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,22 @@ from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .planner import Plan, TooSmall, choose_mode, model_bytes, plan_flash
 from .reader import FlashReader, aligned_buffer
-from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_rows, predictor_prefix
+from .selectors import (
+    SKETCH_GROUP,
+    AllSelector,
+    GateSelector,
+    PredictorSelector,
+    Selector,
+    gate_rows,
+    gate_sketch,
+    predictor_prefix,
+)
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 
 MODES = ("resident", "naive", "flash")
-DENSITY_MARGIN = 0.9  # re-thresholded predictors aim below the cache's capacity
+DENSITY_MARGIN = 0.9  # re-thresholded selectors aim below the cache's capacity
+MIN_DENSITY = 0.05
+CACHE_LIMIT = 4 << 20  # bytes of freed buffers MLX may keep for reuse under a memory budget
 SELECTORS = ("predictor", "gate", "all")
 
 
@@ -113,6 +125,7 @@ def load_model(
     bundled: bool = True,
     masked_prompts: bool = False,
     density: float | None = None,
+    gate_bits: int | None = None,
     verify: bool = True,
     threads: int = 8,
 ) -> tuple[nn.Module, TokenizerWrapper]:
@@ -142,7 +155,7 @@ def load_model(
     plan = Plan(mode, budget, model_bytes(bundle), bundle.resident_bytes, 0, 0)
     runtime = FlashRuntime(bundle, mode, reader, stats, bundle.resident_bytes, overhead, plan)
     if mode == "flash":
-        runtime.selector, plan = _plan_flash(bundle, reader, weights, selector, budget, window, density)
+        runtime.selector, plan = _plan_flash(bundle, reader, weights, selector, budget, window, density, gate_bits)
         runtime.plan = plan
         runtime.options = FlashOptions(
             window=plan.window, gap=gap, bundled=bundled, masked_prompts=masked_prompts, parts=record_parts_spans(spec)
@@ -165,6 +178,8 @@ def load_model(
     elif mode == "flash":
         runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
     model.eval()
+    if budget is not None:  # freed buffers go back to the system instead of MLX's cache
+        mx.set_cache_limit(CACHE_LIMIT)
     model.flash = runtime
     return model, tokenizer
 
@@ -199,28 +214,40 @@ def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> 
         block.mlp.set_records(records)
 
 
-def _plan_flash(bundle, reader, weights, choice, budget, window, density) -> tuple[Selector, Plan]:
-    """The selector and the plan. A predictor whose trained density does not fit the budget is
-    re-thresholded (from its recorded score quantiles) to the largest density that does."""
-    selector = make_selector(bundle, reader, weights, choice, density)
+def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_bits) -> tuple[Selector, Plan]:
+    """The selector and the plan. A predictor or gate selector whose density does not fit the budget
+    is re-thresholded (predictor: from its score quantiles; gate: top-k) to the largest that does."""
+    selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
+    explicit = (
+        density
+        if density is not None
+        else (getattr(selector, "top_k", None) or 0) / bundle.spec.intermediate_size or None
+    )
     try:
-        return selector, plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density)
+        return selector, plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, explicit)
     except TooSmall as e:
-        grid = (bundle.spec.selector or {}).get("density_grid")
-        fits = e.plan.capacity / e.plan.neurons
-        if density is not None or selector.kind != "predictor" or not grid or fits < grid[0]:
+        fits = e.plan.capacity / e.plan.neurons * DENSITY_MARGIN
+        adjustable = selector.kind == "gate" or (
+            selector.kind == "predictor" and (bundle.spec.selector or {}).get("density_grid")
+        )
+        if density is not None or not adjustable or fits < MIN_DENSITY:
             raise
-        density = max(d for d in grid if d <= fits * DENSITY_MARGIN) if fits * DENSITY_MARGIN >= grid[0] else grid[0]
-        selector = make_selector(bundle, reader, weights, choice, density)
+        density = math.floor(fits / MIN_DENSITY) * MIN_DENSITY
+        selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
         plan = plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density)
         plan.note = (
-            f"predictor re-thresholded to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
+            f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
         )
         return selector, plan
 
 
 def make_selector(
-    bundle: Bundle, reader: FlashReader, weights: dict, choice: str | Selector | None, density: float | None = None
+    bundle: Bundle,
+    reader: FlashReader,
+    weights: dict,
+    choice: str | Selector | None,
+    density: float | None = None,
+    gate_bits: int | None = None,
 ) -> Selector:
     """The selector asked for, else the one recorded in the bundle."""
     if isinstance(choice, Selector) or (choice is not None and not isinstance(choice, str)):
@@ -253,13 +280,19 @@ def make_selector(
         return PredictorSelector(weights, logits=logits)
     if not spec.gated:
         raise UsageError(f"{bundle.path}: the gate selector needs a gated (SwiGLU) FFN")
-    if "gate_threshold" not in recorded:
+    if density is None:
+        density = recorded.get("gate_density") if gate_bits is not None else None
+    if density is None and "gate_threshold" not in recorded:
         raise UsageError(
-            f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} --text FILE`"
+            f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} "
+            "--text FILE`, or give a --density"
         )
-    return GateSelector(
-        gate_rows(bundle, read_all_records(bundle, reader)), spec.quantization, recorded["gate_threshold"]
-    )
+    gates, q = gate_rows(bundle, BlockSource(bundle, reader)), spec.quantization
+    if gate_bits is not None:  # a lossy, smaller copy of the gate, for selection only
+        gates, q = gate_sketch(gates, q, gate_bits), {"gate": {"bits": gate_bits, "group_size": SKETCH_GROUP}}
+    if density is not None:
+        return GateSelector(gates, q, None, top_k=max(1, int(round(density * spec.intermediate_size))))
+    return GateSelector(gates, q, recorded["gate_threshold"])
 
 
 def record_parts_spans(spec) -> list[tuple[int, int]]:

@@ -7,7 +7,8 @@ One interface: `select(layer, x)` takes the FFN inputs x (T, d) and returns a bo
   `tools/train_predictors.py` (ReLU FFNs: the non-zero neurons; gated FFNs: the exact gate set).
 - `GateSelector`: gated FFNs (SwiGLU) only; keeps the gate rows resident and selects the neurons whose
   |silu(gate . x)| passes a per-layer threshold calibrated for a target density (or the top k). Exact
-  for that criterion, at the DRAM cost of the gate (a third of the FFN).
+  for that criterion, at the DRAM cost of the gate (a third of the FFN); or, with `gate_bits`, from a
+  2- or 3-bit sketch of the gate (less DRAM, approximate; selection only, compute stays exact).
 - `AllSelector`: every neuron (flash then equals dense). `OracleSelector`: the true non-zero set of a
   ReLU FFN, computed from all weights (tests and measurements only).
 """
@@ -117,12 +118,28 @@ class OracleSelector(Selector):
         return pre > 0
 
 
-def gate_rows(bundle: Bundle, records: list[mx.array]) -> list[tuple]:
-    """The gate parts of every layer's records, copied out contiguous (resident for GateSelector)."""
+SKETCH_GROUP = 64
+
+
+def gate_sketch(gates: list[tuple], quantization: dict | None, bits: int) -> list[tuple]:
+    """A lossy `bits`-bit copy of each layer's gate (2 or 3 bits: a half or less of a 4-bit gate)."""
+    out = []
+    for g in gates:
+        full = mx.dequantize(*g, **quantization["gate"]) if quantization else g[0]
+        sketch = mx.quantize(full.astype(mx.float16), SKETCH_GROUP, bits)
+        mx.eval(sketch)
+        out.append(tuple(sketch))
+    return out
+
+
+def gate_rows(bundle: Bundle, blocks) -> list[tuple]:
+    """The gate parts of every layer's records, copied out contiguous (resident for GateSelector).
+    `blocks.read_block(layer)` gives a layer's records; one layer is in memory at a time."""
     layout = bundle.spec.record
     names = [n for n in ("gate.weight", "gate.scales", "gate.biases") if n in layout.names()]
     gates = []
-    for r in records:
+    for layer in range(bundle.num_layers):
+        r = blocks.read_block(layer)
         g = tuple(mx.contiguous(layout.view(r, n)) for n in names)
         mx.eval(g)
         gates.append(g)

@@ -228,3 +228,12 @@ def test_read_options_do_not_change_results(bundles, options):
     assert (
         reads > base.flash.reader.counters.reads if options != {"gap": 3} else reads <= base.flash.reader.counters.reads
     )
+
+
+def test_gate_sketch_selector_uses_less_memory(bundles):
+    path = bundles["llama-q4"]
+    exact, _ = mlxflash.load(path, mode="flash", selector=_gate_selector(path))
+    sketch, tok = mlxflash.load(path, mode="flash", selector="gate", gate_bits=2, density=0.5)
+    assert sketch.flash.plan.selector_bytes < exact.flash.selector.resident_bytes
+    stats = list(mlxflash.stream_generate(sketch, tok, "hello", max_tokens=4))[-1].stats
+    assert stats["selected_density"] == pytest.approx(0.5, abs=0.01)  # top-k: exactly the density asked for
