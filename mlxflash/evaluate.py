@@ -462,6 +462,10 @@ def evaluate_mode(path, request: EvalRequest, mode: str | None, progress: bool =
         load_kwargs["masked_prompts"] = True
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     model, tokenizer = load(path, mode=mode, **load_kwargs)
+    if progress:  # where the bytes live and the flash plan, as generate prints them
+        from .report import load_report
+
+        print(load_report(model), file=sys.stderr)
     try:
         out = {"mode": model.flash.mode, **_config(model, load_kwargs)}
         out.update(run_once(model, tokenizer, request, progress))
@@ -476,7 +480,10 @@ def _config(model, load_kwargs: dict) -> dict:
     out = {"memory": load_kwargs.get("memory")}
     if runtime.mode == "flash":
         plan = runtime.plan
-        out.update(selector=plan.selector, density=getattr(plan, "density", None), window=runtime.options.window)
+        density = getattr(plan, "density", None)
+        out.update(
+            selector=plan.selector, density=round(density, 3) if density else None, window=runtime.options.window
+        )
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -576,9 +583,9 @@ def run_cli(args) -> None:
     progress = not args.no_progress
     flash_kwargs = {"memory": args.memory, "selector": args.selector, "window": args.window, "density": args.density}
     common = {"verify": not args.no_verify}
-    if args.compare:
-        runs = [evaluate_mode(args.model, request, "resident", progress, **common)]
-        runs.append(evaluate_mode(args.model, request, args.compare_mode, progress, **common, **flash_kwargs))
+    if args.compare:  # the compared configuration first: a budget that does not fit fails at once
+        other = evaluate_mode(args.model, request, args.compare_mode, progress, **common, **flash_kwargs)
+        runs = [evaluate_mode(args.model, request, "resident", progress, **common), other]
     else:
         runs = [evaluate_mode(args.model, request, args.mode, progress, **common, **flash_kwargs)]
     for run in runs:
