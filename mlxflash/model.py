@@ -287,6 +287,8 @@ def make_selector(
             f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} "
             "--text FILE`, or give a --density"
         )
+    if gate_bits is None and choice == recorded.get("kind"):
+        gate_bits = recorded.get("gate_bits")
     gates, q = gate_rows(bundle, BlockSource(bundle, reader)), spec.quantization
     if gate_bits is not None:  # a lossy, smaller copy of the gate, for selection only
         gates, q = gate_sketch(gates, q, gate_bits), {"gate": {"bits": gate_bits, "group_size": SKETCH_GROUP}}

@@ -171,6 +171,8 @@ def train_predictors(
     context: int = 256,
     mode: str = "resident",
     heldout: float = 0.15,
+    selector: str = "predictor",
+    gate_bits: int | None = None,
 ) -> list[LayerReport]:
     """Collect, train, calibrate, report and write the selector into the bundle; returns the report."""
     from . import load
@@ -179,6 +181,8 @@ def train_predictors(
         raise UsageError(f"--density {density}: must be within (0, 1]")
     bundle = Bundle.open(bundle_path)
     spec = bundle.spec
+    if selector == "gate" and not (spec.gated and spec.activation != "relu"):
+        raise UsageError(f"{bundle_path}: --selector gate needs a gated (SwiGLU) FFN")
     rank = rank or default_rank(spec.hidden_size)
     model, tokenizer = load(bundle_path, mode=mode, verify=False)
     ids = tokenize_text(tokenizer, Path(text), tokens)
@@ -211,8 +215,8 @@ def train_predictors(
         weights[prefix + "a.weight"] = predictor.a.weight.astype(mx.float16)
         weights[prefix + "b.weight"] = predictor.b.weight.astype(mx.float16)
         weights[prefix + "b.bias"] = predictor.b.bias.astype(mx.float16)
-    selector = {
-        "kind": "predictor",
+    recorded = {
+        "kind": selector,
         "target": "gate" if gated else "nonzero",
         "rank": [rank] * bundle.num_layers,
         "predictor_threshold": pred_thresholds,
@@ -228,9 +232,9 @@ def train_predictors(
         "stats": {"predictor": _selection_stats(pred_masks)},
     }
     if gated:
-        selector.update(gate_threshold=gate_thresholds, gate_density=density)
-        selector["stats"]["gate"] = _selection_stats(gate_masks)
-    update_resident(bundle, weights, selector)
+        recorded.update(gate_threshold=gate_thresholds, gate_density=density, gate_bits=gate_bits)
+        recorded["stats"]["gate"] = _selection_stats(gate_masks)
+    update_resident(bundle, weights, recorded)
     return reports
 
 

@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         default="resident",
         help="naive streams the FFN (models larger than RAM)",
     )
+    p.add_argument(
+        "--selector", choices=("predictor", "gate"), default="predictor", help="the selector flash mode uses by default"
+    )
+    p.add_argument(
+        "--gate-bits", type=int, choices=(2, 3), help="with --selector gate: select from a low-bit gate copy"
+    )
     args = p.parse_args(argv)
     try:
         reports = train_predictors(
