@@ -558,6 +558,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--selector", choices=("predictor", "gate", "all"), help="flash mode: how neurons are picked")
     p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached")
     p.add_argument("--density", type=float, help="flash mode: share of neurons to select (as in generate)")
+    p.add_argument(
+        "--gate-bits", type=int, choices=(2, 3, 4), help="flash mode, gate selector: low-bit gate copy (as in generate)"
+    )
     p.add_argument("--compare", action="store_true", help="evaluate resident and --compare-mode, print both")
     p.add_argument("--compare-mode", choices=("naive", "flash"), default="flash", help="default flash")
     p.add_argument("--json", help="write {'runs': [...]} to this path")
@@ -581,7 +584,13 @@ def run_cli(args) -> None:
     _check(args)
     request = EvalRequest(args.perplexity, args.context, args.stride, args.tokens, args.task, args.data, args.limit)
     progress = not args.no_progress
-    flash_kwargs = {"memory": args.memory, "selector": args.selector, "window": args.window, "density": args.density}
+    flash_kwargs = {
+        "memory": args.memory,
+        "selector": args.selector,
+        "window": args.window,
+        "density": args.density,
+        "gate_bits": args.gate_bits,
+    }
     common = {"verify": not args.no_verify}
     if args.compare:  # the compared configuration first: a budget that does not fit fails at once
         other = evaluate_mode(args.model, request, args.compare_mode, progress, **common, **flash_kwargs)
