@@ -41,7 +41,12 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--threads", type=int, default=8, help="reads in flight")
+    p.add_argument("--threads", type=int, help="reads in flight (default: from the disk cost model)")
+    p.add_argument(
+        "--gap",
+        type=lambda v: v if v == "auto" else int(v),
+        help="flash: records read through between needed ones (auto: the cost model's)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
     p.add_argument("--stats", action="store_true", help="print a per-token statistics summary to stderr")
     p.add_argument("--stats-json", help="write the statistics as JSON to this path")
@@ -109,6 +114,7 @@ def _generate(args) -> None:
         gate_bits=args.gate_bits,
         verify=not args.no_verify,
         threads=args.threads,
+        gap=args.gap,
     )
     prompt = encode_prompt(tokenizer, _chat_prompt(tokenizer, args))
     check_prompt(model.flash.context_length, prompt, args.max_tokens)

@@ -20,11 +20,12 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .architectures import SUPPORTED, model_classes
 from .bundle import Bundle
 from .convert import quant_params
+from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
 from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .planner import Plan, TooSmall, choose_mode, model_bytes, plan_flash
-from .reader import FlashReader, aligned_buffer
+from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .selectors import (
     SKETCH_GROUP,
     AllSelector,
@@ -121,17 +122,20 @@ def load_model(
     memory: str | int | None = None,
     selector: str | Selector | None = None,
     window: int | None = None,
-    gap: int = 0,
+    gap: int | str | None = None,
     bundled: bool = True,
     masked_prompts: bool = False,
     density: float | None = None,
     gate_bits: int | None = None,
     verify: bool = True,
-    threads: int = 8,
+    threads: int | None = None,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime.
 
     mode: "resident", "naive" or "flash"; by default "flash" when `memory` is smaller than the model.
+    threads default to the disk cost model's choice; gap (records read through between needed ones)
+    defaults to 0 (only adjacent records are merged), "auto" takes the cost model's: fewer, larger reads
+    at the price of more bytes.
     """
     if mode is not None and mode not in MODES:
         raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -147,7 +151,13 @@ def load_model(
         )
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
-    reader = FlashReader(bundle.ffn_path, threads=threads)
+    io_plan = plan_io(DiskCurve.load_or_default(), bundle.spec.record.nbytes)
+    reader = FlashReader(bundle.ffn_path, threads=threads or io_plan.threads)
+    if gap is None:
+        gap = 0
+    elif gap == "auto":  # what the cost model says is cheaper to read than to skip (a page at least)
+        page = DIRECT_ALIGN // bundle.spec.record.nbytes - 1 if reader.direct_io else 0
+        gap = max(0, page, io_plan.gap_bytes // bundle.spec.record.nbytes)
     stats = RuntimeStats(io=reader.counters)
     weights = bundle.resident_weights()
     biases = "model.layers.0.mlp.up_bias" in weights
@@ -160,6 +170,7 @@ def load_model(
         runtime.options = FlashOptions(
             window=plan.window, gap=gap, bundled=bundled, masked_prompts=masked_prompts, parts=record_parts_spans(spec)
         )
+        plan.io = f"reads: {reader.threads} threads, {reader.io_note}, read-through gap {gap} records"
     blocks = BlockSource(bundle, reader) if mode != "resident" else None
     for i, block in enumerate(_layers(model)):
         if mode == "flash":
@@ -280,15 +291,15 @@ def make_selector(
         return PredictorSelector(weights, logits=logits)
     if not spec.gated:
         raise UsageError(f"{bundle.path}: the gate selector needs a gated (SwiGLU) FFN")
-    if density is None:
-        density = recorded.get("gate_density") if gate_bits is not None else None
+    if gate_bits is None and choice == recorded.get("kind"):
+        gate_bits = recorded.get("gate_bits")
+    if density is None and gate_bits is not None:  # thresholds were calibrated on the exact gate: use top-k
+        density = recorded.get("gate_density")
     if density is None and "gate_threshold" not in recorded:
         raise UsageError(
             f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} "
             "--text FILE`, or give a --density"
         )
-    if gate_bits is None and choice == recorded.get("kind"):
-        gate_bits = recorded.get("gate_bits")
     gates, q = gate_rows(bundle, BlockSource(bundle, reader)), spec.quantization
     if gate_bits is not None:  # a lossy, smaller copy of the gate, for selection only
         gates, q = gate_sketch(gates, q, gate_bits), {"gate": {"bits": gate_bits, "group_size": SKETCH_GROUP}}

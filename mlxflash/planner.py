@@ -67,6 +67,7 @@ class Plan:
     selector: str = ""
     density: float = 0.0  # expected share of neurons selected per token
     note: str = ""  # what the planner changed to fit the budget
+    io: str = ""  # how reads are issued
 
     @property
     def cache_bytes(self) -> int:
@@ -96,8 +97,9 @@ class Plan:
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
         ]
-        if self.note:
-            lines.append(f"  {self.note}")
+        for extra in (self.io, self.note):
+            if extra:
+                lines.append(f"  {extra}")
         return "\n".join(lines)
 
 
