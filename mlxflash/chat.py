@@ -8,6 +8,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from .options import add_model_options, model_options
 from .session import Session
 
 HELP = "Type a message. /reset starts over, /stats shows figures, /quit leaves; Ctrl-C stops an answer."
@@ -15,21 +16,14 @@ HELP = "Type a message. /reset starts over, /stats shows figures, /quit leaves; 
 
 def add_chat(sub) -> None:
     """Register `mlxflash chat`."""
-    from .model import MODES, SELECTORS
-
     p = sub.add_parser("chat", help="chat with the model in the terminal")
-    p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
-    p.add_argument("--memory", help="memory budget, e.g. 75%% or 4GB")
-    p.add_argument("--mode", choices=MODES, help="FFN placement (default: chosen at load)")
-    p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
-    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
+    add_model_options(p)
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
     p.set_defaults(run=run_chat)
 
 
@@ -138,7 +132,7 @@ def loop(chat: Chat) -> None:
 def run_chat(args) -> None:
     from .errors import UsageError
     from .report import load_report
-    from .session import load_kwargs, session
+    from .session import session
 
     if args.max_tokens < 1 or args.temp < 0 or not 0 <= args.top_p <= 1:
         raise UsageError("--max-tokens must be >= 1, --temp >= 0 and --top-p within [0, 1]")
@@ -146,10 +140,6 @@ def run_chat(args) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with session(
-        args.model,
-        verify=not args.no_verify,
-        **load_kwargs(args.mode, args.memory, selector=args.selector, window=args.window),
-    ) as sess:
+    with session(args.model, **model_options(args)) as sess:
         print(load_report(sess.model), file=sys.stderr, flush=True)
         loop(Chat(sess, args))

@@ -10,44 +10,20 @@ import traceback
 
 from .cpu import reexec_with_openblas
 from .errors import MlxflashError, UsageError
-from .model import MODES, SELECTORS
+from .options import add_model_options, model_options
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
+    add_model_options(p)
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
-    p.add_argument(
-        "--mode", choices=MODES, help="default: flash when --memory is below the model's size, else resident"
-    )
-    p.add_argument("--memory", help="DRAM budget: a size (4GB, 512MiB) or a share of the model (50%%)")
-    p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
-    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
-    p.add_argument(
-        "--gate-bits",
-        type=int,
-        choices=(2, 3, 4),
-        help="flash mode, gate selector: select from a low-bit copy of the gate",
-    )
-    p.add_argument(
-        "--density",
-        type=float,
-        help="flash mode, predictor: share of neurons to select (default: as trained, or what fits)",
-    )
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--threads", type=int, help="reads in flight (default: from the disk cost model)")
-    p.add_argument(
-        "--gap",
-        type=lambda v: v if v == "auto" else int(v),
-        help="flash: records read through between needed ones (auto: the cost model's)",
-    )
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
     p.add_argument("--stats", action="store_true", help="print a per-token statistics summary to stderr")
     p.add_argument("--stats-json", help="write the statistics as JSON to this path")
     p.set_defaults(run=_generate)
@@ -104,18 +80,7 @@ def _generate(args) -> None:
     from .report import load_report
 
     _check_generate_args(args)
-    model, tokenizer = load(
-        args.model,
-        mode=args.mode,
-        memory=args.memory,
-        selector=args.selector,
-        window=args.window,
-        density=args.density,
-        gate_bits=args.gate_bits,
-        verify=not args.no_verify,
-        threads=args.threads,
-        gap=args.gap,
-    )
+    model, tokenizer = load(args.model, **model_options(args))
     prompt = encode_prompt(tokenizer, _chat_prompt(tokenizer, args))
     check_prompt(model.flash.context_length, prompt, args.max_tokens)
     print(load_report(model), file=sys.stderr)

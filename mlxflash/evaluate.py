@@ -33,6 +33,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .errors import UsageError
+from .options import add_model_options, model_options
 
 TASKS = ("hellaswag", "arc_easy", "piqa", "lambada")
 DATA_FILES = {
@@ -544,7 +545,7 @@ def public(run: dict) -> dict:
 def add_eval_parser(sub) -> None:
     """Register `mlxflash eval` on an argparse subparsers object."""
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy, optionally dense against flash")
-    p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct)")
+    add_model_options(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--perplexity", metavar="FILE", help="perplexity of a text file")
     what.add_argument("--task", choices=TASKS, help="zero-shot task")
@@ -553,19 +554,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--tokens", type=int, help="perplexity: score the file's first N tokens only")
     p.add_argument("--data", help="task data file (default: ../shared/data/zeroshot/...)")
     p.add_argument("--limit", type=int, help="task: the first N items only")
-    p.add_argument("--mode", choices=("resident", "naive", "flash"), help="as in generate")
-    p.add_argument("--memory", help="DRAM budget for flash mode (4GB, 50%%)")
-    p.add_argument("--selector", choices=("predictor", "gate", "all"), help="flash mode: how neurons are picked")
-    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached")
-    p.add_argument("--density", type=float, help="flash mode: share of neurons to select (as in generate)")
-    p.add_argument(
-        "--gate-bits", type=int, choices=(2, 3, 4), help="flash mode, gate selector: low-bit gate copy (as in generate)"
-    )
     p.add_argument("--compare", action="store_true", help="evaluate resident and --compare-mode, print both")
     p.add_argument("--compare-mode", choices=("naive", "flash"), default="flash", help="default flash")
     p.add_argument("--json", help="write {'runs': [...]} to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
     p.set_defaults(run=run_cli)
 
 
@@ -584,14 +576,9 @@ def run_cli(args) -> None:
     _check(args)
     request = EvalRequest(args.perplexity, args.context, args.stride, args.tokens, args.task, args.data, args.limit)
     progress = not args.no_progress
-    flash_kwargs = {
-        "memory": args.memory,
-        "selector": args.selector,
-        "window": args.window,
-        "density": args.density,
-        "gate_bits": args.gate_bits,
-    }
-    common = {"verify": not args.no_verify}
+    flash_kwargs = model_options(args)
+    flash_kwargs.pop("mode", None)
+    common = {"verify": flash_kwargs.pop("verify")}
     if args.compare:  # the compared configuration first: a budget that does not fit fails at once
         other = evaluate_mode(args.model, request, args.compare_mode, progress, **common, **flash_kwargs)
         runs = [evaluate_mode(args.model, request, "resident", progress, **common), other]

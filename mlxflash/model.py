@@ -24,6 +24,7 @@ from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
 from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
+from .options import MODES, SELECTORS
 from .planner import Plan, TooSmall, choose_mode, model_bytes, plan_flash
 from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .selectors import (
@@ -38,11 +39,9 @@ from .selectors import (
 )
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 
-MODES = ("resident", "naive", "flash")
 DENSITY_MARGIN = 0.9  # re-thresholded selectors aim below the cache's capacity
 MIN_DENSITY = 0.05
 CACHE_LIMIT = 4 << 20  # bytes of freed buffers MLX may keep for reuse under a memory budget
-SELECTORS = ("predictor", "gate", "all")
 
 
 class BlockSource:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import UsageError
+from .options import add_model_options, model_options
 from .session import Session
 from .stats import current_rss_bytes, peak_rss_bytes
 
@@ -624,20 +625,13 @@ def model_id_of(sess: Session) -> str:
 
 def add_serve(sub) -> None:
     """Register `mlxflash serve`."""
-    from .model import MODES, SELECTORS
-
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
-    p.add_argument("--memory", help="memory budget, e.g. 75%% or 4GB")
-    p.add_argument("--mode", choices=MODES, help="FFN placement (default: chosen at load)")
-    p.add_argument("--selector", choices=SELECTORS, help="flash mode: how neurons are picked (default: the bundle's)")
-    p.add_argument("--window", type=int, help="flash mode: tokens whose neurons stay cached (default: planned)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS ('*' for any)")
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more get 503")
     p.add_argument("--max-body", type=int, default=MAX_BODY, help="largest request body in bytes")
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
     p.set_defaults(run=serve)
 
 
@@ -647,14 +641,13 @@ def serve(args) -> None:
     import uvicorn
 
     from .report import load_report
-    from .session import load_kwargs, session
+    from .session import session
 
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port within 1..65535")
     # MLX streams belong to a thread: load, generate and close on the one worker thread.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
-    opts = load_kwargs(args.mode, args.memory, selector=args.selector, window=args.window)
-    sess = worker.submit(session, args.model, verify=not args.no_verify, **opts).result()
+    sess = worker.submit(session, args.model, **model_options(args)).result()
     print(load_report(sess.model), file=sys.stderr, flush=True)
     engine = Engine(sess, model_id_of(sess), args.max_queue, worker)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]

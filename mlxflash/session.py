@@ -15,16 +15,6 @@ from .errors import UsageError
 from .generate import Response, encode_prompt, stream_generate
 
 
-def load_kwargs(mode: str | None = None, memory: str | None = None, **extra) -> dict:
-    """Keyword arguments for `mlxflash.load`, with only the options the user gave."""
-    kw = {k: v for k, v in extra.items() if v is not None}
-    if mode:
-        kw["mode"] = mode
-    if memory:
-        kw["memory"] = memory
-    return kw
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
