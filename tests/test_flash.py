@@ -51,7 +51,7 @@ def make_opt_dir(out):
         k = k.replace("model.", "model.decoder.", 1).replace(".mlp.", ".")
         weights[k] = v + 0.02 * mx.random.normal(v.shape) if k.endswith("bias") else v  # non-trivial biases
     mx.save_safetensors(str(out / "model.safetensors"), weights)
-    byte_tokenizer(out)
+    byte_tokenizer(out, TINY_OPT["vocab_size"])
     return out
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_synthetic import byte_tokenizer  # noqa: E402  (one byte-level tokenizer for tests and synthetic bundles)
 
 TINY = {
     "model_type": "llama",
@@ -25,19 +29,6 @@ TINY = {
     "hidden_act": "silu",
     "eos_token_id": 0,
 }
-
-
-def byte_tokenizer(out: Path, vocab_size: int = 256) -> None:
-    """A byte-level BPE tokenizer with one token per byte (no merges) and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab_size]
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": alphabet[0], "model_max_length": 96}
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def tiny_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
