@@ -164,3 +164,16 @@ def test_readme_main_command_answers_paris(default_bundle):
     proc = run_cli("generate", "--prompt", "What is the capital of France?", "--max-tokens", 24, "--temp", 0)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_tools_repack_is_the_same_converter(hf, tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "repack.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(hf), str(tmp_path / "b"), "--bits", "8"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert mlxflash.bundle.Bundle.open(tmp_path / "b").spec.quantization["up"]["bits"] == 8
+    again = subprocess.run([sys.executable, str(script), str(hf), str(tmp_path / "b")], capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
