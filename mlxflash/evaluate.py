@@ -527,6 +527,7 @@ def format_difference(diff: dict) -> str:
     parts = []
     if "perplexity" in diff:
         parts.append(f"perplexity {diff['perplexity']:+.3f} ({100 * diff['perplexity_rel']:+.2f}%)")
+    if "nll" in diff:  # text perplexity; LAMBADA's last-word perplexity comes without it
         parts.append(f"mean NLL {diff['nll']:+.4f} ± {diff.get('nll_se', math.nan):.4f}")
     for key, name in (("accuracy", "acc"), ("accuracy_norm", "acc_norm")):
         if key in diff:

@@ -329,3 +329,13 @@ def test_compare_perplexity_on_default_model(tmp_path, default_bundle, shared_da
     assert 1 < resident["perplexity"] < 1e4
     assert naive["perplexity"] == pytest.approx(resident["perplexity"], rel=1e-6)  # naive reads the same weights
     assert report["difference"]["perplexity"] == pytest.approx(0, abs=1e-3)
+
+
+def test_difference_of_lambada_runs_formats():
+    """LAMBADA runs carry accuracy and last-word perplexity but no text NLL."""
+    from mlxflash.evaluate import difference, format_difference
+
+    base = {"accuracy": 0.4, "perplexity": 40.0, "correct": [1, 0, 1]}
+    other = {"accuracy": 0.3, "perplexity": 80.0, "correct": [1, 0, 0]}
+    line = format_difference(difference(base, other))
+    assert "perplexity +40.000 (+100.00%)" in line and "acc -10.0" in line and "NLL" not in line
