@@ -89,8 +89,10 @@ class FFN(nn.Module):
             return _qmm(x, w["gate.weight"], w["gate.scales"], w["gate.biases"], q["gate"])
         return x @ w["gate.weight"].T
 
-    def _hidden(self, x: mx.array, w: dict[str, mx.array], up_bias: mx.array | None) -> mx.array:
-        """The neurons' activations h (..., n) for the records in `w`."""
+    def _hidden(
+        self, x: mx.array, w: dict[str, mx.array], up_bias: mx.array | None, gate: mx.array | None = None
+    ) -> mx.array:
+        """The neurons' activations h (..., n) for the records in `w` (`gate`: x's gate products, if known)."""
         q = self._spec.quantization
         if q:
             up = _qmm(x, w["up.weight"], w["up.scales"], w["up.biases"], q["up"])
@@ -100,12 +102,13 @@ class FFN(nn.Module):
             up = up + up_bias
         if not self._spec.gated:
             return self._act(up)
-        return self._act(self._gate(x, w)) * up
+        return self._act(self._gate(x, w) if gate is None else gate) * up
 
     def activations(self, x: mx.array, w: dict[str, mx.array]) -> tuple[mx.array, mx.array | None]:
         """Every neuron's activation h and, for gated FFNs, |silu(gate . x)| (what selectors are trained on)."""
-        h = self._hidden(x, w, self.up_bias if "up_bias" in self else None)
-        return h, (mx.abs(nn.silu(self._gate(x, w))) if self._spec.gated else None)
+        gate = self._gate(x, w) if self._spec.gated else None
+        h = self._hidden(x, w, self.up_bias if "up_bias" in self else None, gate)
+        return h, (mx.abs(nn.silu(gate)) if gate is not None else None)
 
     def _output(self, y: mx.array) -> mx.array:
         return y + self.down_bias if "down_bias" in self else y
@@ -115,6 +118,10 @@ class FFN(nn.Module):
         h = self._hidden(x, w, self.up_bias if "up_bias" in self else None)
         if mask is not None:
             h = h * mask.astype(h.dtype)
+        return self.down(h, w)
+
+    def down(self, h: mx.array, w: dict[str, mx.array]) -> mx.array:
+        """h (..., n) of every neuron, in order -> the FFN's output (..., d)."""
         q = self._spec.quantization
         if q:
             y = _qmm(h, w["down.weight"], self.down_scales, self.down_biases, q["down"])
