@@ -41,6 +41,7 @@ checksum, and refuses a bundle that fails with a message naming the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -294,6 +295,20 @@ class Bundle:
     @property
     def resident_bytes(self) -> int:
         return self.spec.files[RESIDENT_FILE]["bytes"]
+
+    @functools.cached_property
+    def predictor_bytes(self) -> int:
+        """Bytes of the neuron predictors inside resident.safetensors (not part of the model's weights)."""
+        with open(self.path / RESIDENT_FILE, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return sum(
+            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k
+        )
+
+    @property
+    def weights_bytes(self) -> int:
+        """The model's own weights: resident.safetensors without the predictors, plus the FFN."""
+        return self.resident_bytes - self.predictor_bytes + self.spec.ffn_bytes
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:

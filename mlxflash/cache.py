@@ -2,8 +2,9 @@
 
 The cache's matrices (one per record field) are allocated once (aligned, touched) and never
 reallocated. `index[row]` is the neuron in a row, `used` the number of rows in use: rows [0, used)
-hold exactly the union of the last `window` tokens' selections. Deleting moves the last used rows into
-the freed ones; inserting appends. Missing records are read whole (one read per run of adjacent
+hold exactly the union of the last `window` tokens' selections, or with `retain` that union plus the
+most recently used neurons past the window while there is room (they cost no read and only add exact
+terms). Deleting moves the last used rows into the freed ones; inserting appends. Missing records are read whole (one read per run of adjacent
 neurons) into an aligned staging buffer and split into the field matrices: a copy of the new rows
 only, so that the FFN multiplies with contiguous matrices instead of copying every cached row.
 """
@@ -21,26 +22,21 @@ from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .stats import RuntimeStats
 
 
-class NeuronCache:
-    """Per field of the record (gate.weight, up.scales, ..., down.weight) one matrix of `capacity` rows,
-    so the FFN multiplies with contiguous prefixes and never copies the cache. Records arrive whole
-    (row-column bundling: one read per run of neurons) and are split into the field matrices."""
+class CacheIndex:
+    """The cache's bookkeeping without the data: which neuron is in which row. `index[row]` is the
+    neuron in a row, `row_of` its inverse, `used` the rows in use. Also replays a cache for masked
+    evaluation (`cached_masks`)."""
 
-    def __init__(self, neurons: int, capacity: int, layout: RecordLayout, window: int):
+    def __init__(self, neurons: int, capacity: int, window: int, retain: bool = False):
         if capacity < 1 or window < 1:
             raise ValueError(f"cache capacity {capacity} and window {window} must be >= 1")
-        self.neurons, self.capacity, self.layout = neurons, min(capacity, neurons), layout
-        self.record_bytes = layout.nbytes
-        self.window = window
-        self.fields: dict[str, mx.array] = {}  # name -> (capacity, count) MLX matrix
-        self.fields_np: dict[str, np.ndarray] = {}  # the same memory, as (capacity, nbytes) uint8
-        for f in layout.fields:
-            flat, flat_np = aligned_buffer(self.capacity * f.nbytes)
-            self.fields[f.name] = flat.view(mx_dtype(f.dtype)).reshape(self.capacity, f.count)
-            self.fields_np[f.name] = flat_np.reshape(self.capacity, f.nbytes)
+        self.neurons, self.capacity = neurons, min(capacity, neurons)
+        self.window, self.retain = window, retain
         self.index = np.full(self.capacity, -1, dtype=np.int32)  # row -> neuron
         self.row_of = np.full(neurons, -1, dtype=np.int32)  # neuron -> row
         self.count = np.zeros(neurons, dtype=np.int32)  # how many window entries hold the neuron
+        self.last_used = np.zeros(neurons, dtype=np.int64)  # the update that last selected the neuron
+        self.tick = 0
         self.used = 0
         self.history: deque[np.ndarray] = deque()
         self.dropped = 0  # selected neurons left out because the cache was full
@@ -50,6 +46,7 @@ class NeuronCache:
         self.index[:] = -1
         self.row_of[:] = -1
         self.count[:] = 0
+        self.last_used[:] = 0
         self.used = 0
         self.history.clear()
 
@@ -57,12 +54,14 @@ class NeuronCache:
         """Slide the window to include `selected` (sorted ids). Returns the missing ids (sorted) and the
         first of the consecutive rows now reserved for them; the caller fills those rows."""
         selected = self._fit(selected)
+        self.tick += 1
         self.history.append(selected)
         self.count[selected] += 1
+        self.last_used[selected] = self.tick
         while len(self.history) > self.window or self._overflow(selected):
             self._forget(self.history.popleft())
-        self._compact()
         missing = selected[self.row_of[selected] < 0]
+        self._compact(len(missing))
         start = self.used
         rows = np.arange(start, start + len(missing), dtype=np.int32)
         self.index[rows] = missing
@@ -87,29 +86,73 @@ class NeuronCache:
     def _forget(self, old: np.ndarray) -> None:
         self.count[old] -= 1
 
-    def _compact(self) -> None:
-        """Free the rows of neurons no longer in the window: move the last used rows into them."""
-        live = self.count[self.index[: self.used]] > 0
-        if live.all():
+    def _compact(self, incoming: int) -> None:
+        """Free the rows of neurons no longer in the window (with `retain`: only as many as `incoming`
+        new rows need, least recently used first): move the last used rows into them."""
+        stale = np.flatnonzero(self.count[self.index[: self.used]] == 0)
+        if self.retain:
+            order = np.argsort(self.last_used[self.index[stale]], kind="stable")
+            stale = stale[order[: max(0, self.used + incoming - self.capacity)]]
+        if len(stale) == 0:
             return
-        new_used = int(live.sum())
-        freed = np.flatnonzero(~live)
-        holes = freed[freed < new_used]
+        live = np.ones(self.used, dtype=bool)
+        live[stale] = False
+        new_used = self.used - len(stale)
+        holes = stale[stale < new_used]
         movers = np.flatnonzero(live[new_used:]) + new_used
-        self.row_of[self.index[freed]] = -1
+        self.row_of[self.index[stale]] = -1
         if len(holes):
-            for rows in self.fields_np.values():
-                rows[holes] = rows[movers]
+            self._move_rows(holes, movers)
             self.index[holes] = self.index[movers]
             self.row_of[self.index[holes]] = holes
         self.index[new_used : self.used] = -1
         self.used = new_used
+
+    def _move_rows(self, holes: np.ndarray, movers: np.ndarray) -> None:
+        """Data caches copy rows `movers` into rows `holes`; the bookkeeping alone has nothing to move."""
+
+
+def cached_masks(masks: np.ndarray, capacity: int, window: int, retain: bool) -> np.ndarray:
+    """masks (B, T, n) of selections -> (B, T, n): the neurons a cache holds after each token, replayed
+    token by token (masked evaluation computes what stepwise decoding would)."""
+    out = np.zeros_like(masks, dtype=bool)
+    for b in range(masks.shape[0]):
+        index = CacheIndex(masks.shape[-1], capacity, window, retain)
+        for t in range(masks.shape[1]):
+            index.update(np.flatnonzero(masks[b, t]).astype(np.int32))
+            out[b, t, index.index[: index.used]] = True
+    return out
+
+
+class NeuronCache(CacheIndex):
+    """Per field of the record (gate.weight, up.scales, ..., down.weight) one matrix of `capacity` rows,
+    so the FFN multiplies with contiguous prefixes and never copies the cache. Records arrive whole
+    (row-column bundling: one read per run of neurons) and are split into the field matrices."""
+
+    def __init__(self, neurons: int, capacity: int, layout: RecordLayout, window: int, retain: bool = False):
+        super().__init__(neurons, capacity, window, retain)
+        self.layout, self.record_bytes = layout, layout.nbytes
+        self.fields: dict[str, mx.array] = {}  # name -> (capacity, count) MLX matrix
+        self.fields_np: dict[str, np.ndarray] = {}  # the same memory, as (capacity, nbytes) uint8
+        for f in layout.fields:
+            flat, flat_np = aligned_buffer(self.capacity * f.nbytes)
+            self.fields[f.name] = flat.view(mx_dtype(f.dtype)).reshape(self.capacity, f.count)
+            self.fields_np[f.name] = flat_np.reshape(self.capacity, f.nbytes)
+
+    def _move_rows(self, holes: np.ndarray, movers: np.ndarray) -> None:
+        for rows in self.fields_np.values():
+            rows[holes] = rows[movers]
 
     def write_records(self, start: int, records: np.ndarray) -> None:
         """Split whole records (m, R) uint8 into the field matrices at rows start..start+m."""
         m = len(records)
         for f in self.layout.fields:
             self.fields_np[f.name][start : start + m] = records[:, f.offset : f.offset + f.nbytes]
+
+    def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
+        """Split whole records (m, R) uint8 into the field matrices at rows `rows` (any order)."""
+        for f in self.layout.fields:
+            self.fields_np[f.name][rows] = records[:, f.offset : f.offset + f.nbytes]
 
     def read_record(self, row: int) -> np.ndarray:
         """Row `row` as a whole record (R,) uint8 (tests, inspection)."""
@@ -154,10 +197,6 @@ class NeuronCache:
             base += size
         reader.read(reads)
         self.write_records(start, staging[wanted] if base != len(missing) else staging[: len(missing)])
-
-    def fill_from_block(self, block: np.ndarray, missing: np.ndarray, start: int) -> None:
-        """Copy records from a layer block already in memory (prompt processing seeds the window)."""
-        self.write_records(start, block[missing])
 
     def views(self) -> tuple[dict[str, mx.array], mx.array]:
         """The fields of the rows in use, {name: (used, count)} (contiguous, no copy), and their neuron ids."""

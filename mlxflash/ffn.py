@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .bundle import FFNSpec
-from .cache import NeuronCache, timed_update
+from .cache import NeuronCache, cached_masks, timed_update
 from .cpu import quantized_matmul
 from .reader import FlashReader
 from .stats import RuntimeStats
@@ -122,12 +122,17 @@ class FFN(nn.Module):
 
     def down(self, h: mx.array, w: dict[str, mx.array]) -> mx.array:
         """h (..., n) of every neuron, in order -> the FFN's output (..., d)."""
+        return self._output(self._partial_down(h, w, 0))
+
+    def _partial_down(self, h: mx.array, w: dict[str, mx.array], first: int) -> mx.array:
+        """h (..., m) of neurons first..first+m (dense weights `w` of those, in order) -> their share of
+        the output, without the bias. Quantized: the slice starts and ends on down-projection groups."""
         q = self._spec.quantization
-        if q:
-            y = _qmm(h, w["down.weight"], self.down_scales, self.down_biases, q["down"])
-        else:
-            y = h @ w["down.weight"]
-        return self._output(y)
+        if not q:
+            return h @ w["down.weight"]
+        g = q["down"]["group_size"]
+        lo, hi = first // g, (first + h.shape[-1]) // g
+        return _qmm(h, w["down.weight"], self.down_scales[:, lo:hi], self.down_biases[:, lo:hi], q["down"])
 
     def sparse(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
         """x: (..., d) through the neurons `ids` whose record fields are `w` ({name: (n, count)}), in any order."""
@@ -185,6 +190,7 @@ class FlashOptions:
     gap: int = 0  # read through gaps of up to this many records; -1: no coalescing at all
     bundled: bool = True  # one read per run of records; False: gate, up, down read separately
     masked_prompts: bool = False  # evaluate prompts with per-token selections instead of dense
+    retain: bool = False  # keep neurons past the window while the cache has room (least recently used go first)
     parts: list = field(default_factory=list)  # (offset, bytes) of gate/up/down inside a record
 
 
@@ -205,11 +211,17 @@ class FlashFFN(NaiveFFN):
     ):
         super().__init__(layer, spec, stats, blocks, biases)
         self._reader, self._selector, self._options = reader, selector, options
-        self._cache = NeuronCache(spec.layers[layer].neurons, capacity, spec.record, max(1, options.window))
+        self._cache = NeuronCache(
+            spec.layers[layer].neurons, capacity, spec.record, max(1, options.window), options.retain
+        )
         self._pending: mx.array | None = None  # the last output computed from the cache rows
+        self.prompt_tail = False  # the next one-token call is a prompt's last token (see begin_prompt)
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.shape[-2] > 1:
+            return self._prompt(x)
+        if self.prompt_tail:  # mlx-lm feeds a prompt's last token alone: it is still prompt, computed dense
+            self.prompt_tail = False
             return self._prompt(x)
         mask = self._selector.select(self._layer, x.reshape(-1, x.shape[-1])[-1:])
         selected = _selected_ids(mask)
@@ -230,28 +242,41 @@ class FlashFFN(NaiveFFN):
         return self._pending
 
     def _prompt(self, x: mx.array) -> mx.array:
-        """Many tokens: read the block sequentially and compute densely (or per-token masked), then seed
-        the window with the last tokens' selections, copied from the block in memory."""
-        records = self._blocks.read_block(self._layer)
-        w = self._timed_weights(records)
-        k = min(self._options.window, x.shape[-2])
-        if self._options.masked_prompts:  # x (B, L, d): each position with its own window's neurons
-            masks = mx.array(self._selector.select(self._layer, x))  # (B, L, n)
-            y = self.dense(x, w, _window_union(masks, self._options.window))
+        """Many tokens: read the block sequentially in slices and compute densely (or, masked, each
+        position with the neurons its cache would hold); seed the window from the last tokens' selections,
+        copying their records out of the slices as they pass."""
+        o, cache, n = self._options, self._cache, self._spec.layers[self._layer].neurons
+        k = min(max(1, o.window), x.shape[-2])
+        held = None
+        if o.masked_prompts:  # x (B, L, d)
+            masks = np.asarray(self._selector.select(self._layer, x))  # (B, L, n)
+            held = mx.array(cached_masks(masks, cache.capacity, max(1, o.window), o.retain and o.window > 0))
             seeds = masks[0, -k:]
         else:
-            y = self.dense(x, w)
-            seeds = mx.array(self._selector.select(self._layer, x[0, -k:]))  # (k, n)
-        mx.eval(y, seeds)
-        block = np.asarray(records)
+            seeds = np.asarray(self._selector.select(self._layer, x[0, -k:]))  # (k, n)
         if self._pending is not None:
             mx.eval(self._pending)
         t0 = time.perf_counter()
-        for m in np.asarray(seeds):
-            missing, start = self._cache.update(np.flatnonzero(m).astype(np.int32))
-            self._cache.fill_from_block(block, missing, start)
+        incoming = [cache.update(np.flatnonzero(m).astype(np.int32))[0] for m in seeds]
+        incoming = np.unique(np.concatenate(incoming))
+        incoming = incoming[cache.row_of[incoming] >= 0]  # rows reserved for them (and still cached)
         self._stats.mem_seconds += time.perf_counter() - t0
-        return y
+        y, rows = 0, self._blocks.rows
+        up_bias = self.up_bias if "up_bias" in self else None
+        for first in range(0, n, rows):
+            count = min(rows, n - first)
+            records = self._blocks.read_rows(self._layer, first, count)
+            w = self._timed_weights(records)
+            h = self._hidden(x, w, None if up_bias is None else up_bias[first : first + count])
+            if held is not None:
+                h = h * held[..., first : first + count].astype(h.dtype)
+            y = y + self._partial_down(h, w, first)
+            mx.eval(y)  # the slice's buffer is read again by the next slice
+            t0 = time.perf_counter()
+            here = incoming[(incoming >= first) & (incoming < first + count)]
+            cache.write_rows(cache.row_of[here], np.asarray(records)[here - first])
+            self._stats.mem_seconds += time.perf_counter() - t0
+        return self._output(y)
 
 
 def _selected_ids(selection) -> np.ndarray:
@@ -259,12 +284,3 @@ def _selected_ids(selection) -> np.ndarray:
     if isinstance(selection, np.ndarray) and selection.dtype != np.bool_:
         return np.sort(selection.astype(np.int32))
     return np.flatnonzero(np.asarray(selection).reshape(-1)).astype(np.int32)
-
-
-def _window_union(masks: mx.array, window: int) -> mx.array:
-    """masks (..., T, n) -> (..., T, n): token t keeps the union of tokens t-window+1..t (the cache's rows)."""
-    out = masks
-    for shift in range(1, min(window, masks.shape[-2])):
-        pad = mx.zeros((*masks.shape[:-2], shift, masks.shape[-1]), dtype=mx.bool_)
-        out = out | mx.concatenate([pad, masks[..., :-shift, :]], axis=-2)
-    return out.astype(mx.float32)

@@ -67,6 +67,7 @@ def stream_generate(
     stats = runtime.token_stats()
     start = time.perf_counter()
     base = runtime.stats.snapshot()
+    runtime.begin_prompt()
     for r in mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, **kwargs):
         now, snap = time.perf_counter(), runtime.stats.snapshot()
         if r.generation_tokens <= 1:  # the prompt and the first token: prefill

@@ -25,7 +25,15 @@ from .cpu import speed_up_prompts
 from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .options import MODES, SELECTORS
-from .planner import Plan, TooSmall, choose_mode, model_bytes, plan_flash
+from .planner import (
+    Plan,
+    TooSmall,
+    choose_mode,
+    model_bytes,
+    plan_flash,
+    prompt_chunk_rows,
+    resident_weights_bytes,
+)
 from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .selectors import (
     SKETCH_GROUP,
@@ -45,18 +53,24 @@ CACHE_LIMIT = 4 << 20  # bytes of freed buffers MLX may keep for reuse under a m
 
 
 class BlockSource:
-    """Reads whole layer blocks into one shared, aligned buffer (the naive mode's only FFN memory)."""
+    """Reads layer blocks, whole (naive mode) or in slices of `rows` records (flash prompts), into one
+    shared, aligned buffer: the only FFN memory of the naive mode."""
 
-    def __init__(self, bundle: Bundle, reader: FlashReader):
+    def __init__(self, bundle: Bundle, reader: FlashReader, rows: int | None = None):
         self.bundle, self.reader = bundle, reader
-        largest = max(bundle.spec.block_bytes(i) for i in range(bundle.num_layers))
-        self._buffer, self._view = aligned_buffer(largest)
+        spec = bundle.spec
+        self.rows = rows or max(b.neurons for b in spec.layers)
+        self._buffer, self._view = aligned_buffer(self.rows * spec.record.nbytes)
 
     def read_block(self, layer: int) -> mx.array:
+        return self.read_rows(layer, 0, self.bundle.spec.layers[layer].neurons)
+
+    def read_rows(self, layer: int, first: int, count: int) -> mx.array:
+        """Records first..first+count of a layer (count <= rows): (count, R), valid until the next read."""
         spec = self.bundle.spec
-        n = spec.block_bytes(layer)
-        self.reader.read([(spec.layers[layer].offset, self._view[:n])])
-        return self._buffer[:n].reshape(spec.layers[layer].neurons, spec.record.nbytes)
+        R = spec.record.nbytes
+        self.reader.read([(spec.layers[layer].offset + first * R, self._view[: count * R])])
+        return self._buffer[: count * R].reshape(count, R)
 
 
 @dataclass
@@ -102,6 +116,12 @@ class FlashRuntime:
             )
         return out
 
+    def begin_prompt(self) -> None:
+        """The next forward passes are a prompt, up to and including its one-token last step (mlx-lm's
+        generate_step feeds the last prompt token alone): compute them all densely, like the rest."""
+        for f in self.ffns:
+            f.prompt_tail = True
+
     def reset(self) -> None:
         """Forget the cached neurons (a new conversation)."""
         for f in self.ffns:
@@ -128,6 +148,7 @@ def load_model(
     gate_bits: int | None = None,
     verify: bool = True,
     threads: int | None = None,
+    retain: bool = False,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime.
 
@@ -161,16 +182,23 @@ def load_model(
     weights = bundle.resident_weights()
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
-    plan = Plan(mode, budget, model_bytes(bundle), bundle.resident_bytes, 0, 0)
-    runtime = FlashRuntime(bundle, mode, reader, stats, bundle.resident_bytes, overhead, plan)
+    plan = Plan(mode, budget, model_bytes(bundle), resident_weights_bytes(bundle), 0, 0)
+    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan)
     if mode == "flash":
         runtime.selector, plan = _plan_flash(bundle, reader, weights, selector, budget, window, density, gate_bits)
         runtime.plan = plan
         runtime.options = FlashOptions(
-            window=plan.window, gap=gap, bundled=bundled, masked_prompts=masked_prompts, parts=record_parts_spans(spec)
+            window=plan.window,
+            gap=gap,
+            bundled=bundled,
+            masked_prompts=masked_prompts,
+            retain=retain,
+            parts=record_parts_spans(spec),
         )
         plan.io = f"reads: {reader.threads} threads, {reader.io_note}, read-through gap {gap} records"
-    blocks = BlockSource(bundle, reader) if mode != "resident" else None
+    blocks = None
+    if mode != "resident":  # flash reads prompts' blocks in slices; naive needs whole blocks
+        blocks = BlockSource(bundle, reader, prompt_chunk_rows(spec) if mode == "flash" else None)
     for i, block in enumerate(_layers(model)):
         if mode == "flash":
             block.mlp = FlashFFN(
@@ -236,13 +264,12 @@ def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_b
     try:
         return selector, plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, explicit)
     except TooSmall as e:
-        fits = e.plan.capacity / e.plan.neurons * DENSITY_MARGIN
-        adjustable = selector.kind == "gate" or (
-            selector.kind == "predictor" and (bundle.spec.selector or {}).get("density_grid")
-        )
+        top_k = selector.kind == "gate"  # selects exactly its share: the whole cache may be used
+        fits = e.plan.capacity / e.plan.neurons * (1.0 if top_k else DENSITY_MARGIN)
+        adjustable = top_k or (selector.kind == "predictor" and (bundle.spec.selector or {}).get("density_grid"))
         if density is not None or not adjustable or fits < MIN_DENSITY:
             raise
-        density = math.floor(fits / MIN_DENSITY) * MIN_DENSITY
+        density = fits if top_k else math.floor(fits / MIN_DENSITY) * MIN_DENSITY
         selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
         plan = plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density)
         plan.note = (

@@ -26,7 +26,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--density", type=float, help="flash: share of neurons to select (default: as trained, or what fits)"
     )
     p.add_argument(
-        "--gate-bits", type=int, choices=(2, 3, 4), help="flash, gate selector: select from a low-bit gate copy"
+        "--gate-bits", type=int, choices=(1, 2, 3, 4), help="flash, gate selector: select from a low-bit gate copy"
     )
     p.add_argument("--threads", type=int, help="reads in flight (default: from the disk cost model)")
     p.add_argument("--gap", type=_gap, help="flash: records read through between needed ones (auto: the cost model's)")

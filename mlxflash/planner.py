@@ -1,8 +1,9 @@
 """The memory plan: from a DRAM budget, what stays resident, the window size and the cache capacities.
 
-Fixed in DRAM: resident.safetensors (embeddings, attention, norms, LM head, predictors, FFN biases and
-group scales), what the selector keeps (the gate rows for the exact gate selector) and one layer's FFN
-block for prompt processing. The rest of the budget is the neuron cache, split evenly over layers.
+Fixed in DRAM: the resident weights (embeddings, attention, norms, LM head, FFN biases and group
+scales), what the selector keeps (the predictors, or the gate rows or their sketch) and a slice of a layer's
+FFN block for prompt processing. A share of "the model" (`--memory 75%`) is of its weights: predictors are
+not part of it. The rest of the budget is the neuron cache, split evenly over layers.
 The window k is the largest whose expected union of selections (measured when the predictors were
 trained) fits a layer's cache. Not in the budget: the KV cache and the runtime itself (Python, MLX,
 tokenizer), reported as the fixed overhead.
@@ -56,8 +57,8 @@ class Plan:
     mode: str
     budget: int | None
     model_bytes: int
-    resident_bytes: int  # resident.safetensors
-    selector_bytes: int  # what the selector keeps beyond resident.safetensors (gate rows)
+    resident_bytes: int  # resident.safetensors without the predictors
+    selector_bytes: int  # what the selector keeps: predictors, gate rows or their sketch
     prompt_buffer_bytes: int
     capacity: int = 0  # neuron records cached per layer
     neurons: int = 0  # FFN width
@@ -91,8 +92,8 @@ class Plan:
             )
         lines = [
             f"memory plan: {budget} -> flash mode, {_mb(self.planned_bytes)} planned",
-            f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head, predictors",
-            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; prompt buffer {_mb(self.prompt_buffer_bytes)} (one FFN block)",
+            f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head",
+            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; prompt buffer {_mb(self.prompt_buffer_bytes)} (a slice of an FFN block)",
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
@@ -104,7 +105,12 @@ class Plan:
 
 
 def model_bytes(bundle: Bundle) -> int:
-    return bundle.resident_bytes + bundle.spec.ffn_bytes
+    """The model's weights (predictors excluded): what a share like 75% is of."""
+    return bundle.weights_bytes
+
+
+def resident_weights_bytes(bundle: Bundle) -> int:
+    return bundle.resident_bytes - bundle.predictor_bytes
 
 
 def choose_mode(bundle: Bundle, mode: str | None, memory) -> tuple[str, int | None]:
@@ -132,12 +138,12 @@ def plan_flash(
     `density` is the share of neurons the selector will pick (None: as measured at training)."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
-    prompt_buffer = max(spec.block_bytes(i) for i in range(layers))
+    prompt_buffer = prompt_chunk_rows(spec) * R
     plan = Plan(
         "flash",
         budget,
         model_bytes(bundle),
-        bundle.resident_bytes,
+        resident_weights_bytes(bundle),
         selector_bytes,
         prompt_buffer,
         neurons=n,
@@ -165,6 +171,16 @@ def plan_flash(
             )
     plan.window = window if window is not None else _largest_window(plan.capacity, n, union, density)
     return plan
+
+
+PROMPT_CHUNKS = 8  # a prompt reads each layer's block in this many sequential slices
+
+
+def prompt_chunk_rows(spec) -> int:
+    """Records per prompt read: an eighth of the widest layer, in whole down-projection groups."""
+    n = max(b.neurons for b in spec.layers)
+    group = spec.quantization["down"]["group_size"] if spec.quantization else 1
+    return min(n, -(-n // PROMPT_CHUNKS // group) * group)
 
 
 class TooSmall(UsageError):

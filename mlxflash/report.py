@@ -31,7 +31,7 @@ def _mb(n: float) -> str:
 
 def _placement(rt) -> str:
     """Where the bytes are, for the modes whose plan says it in one line (resident, naive)."""
-    dense, ffn = rt.bundle.resident_bytes, rt.ffn_bytes
+    dense, ffn = rt.plan.resident_bytes, rt.ffn_bytes  # resident weights, predictors aside
     where = f"  in memory: {_mb(dense)} embeddings, attention, norms, LM head"
     if rt.mode == "resident":
         return f"{where} + {_mb(ffn)} FFN; streams: nothing"

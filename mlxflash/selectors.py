@@ -8,7 +8,7 @@ One interface: `select(layer, x)` takes the FFN inputs x (T, d) and returns a bo
 - `GateSelector`: gated FFNs (SwiGLU) only; keeps the gate rows resident and selects the neurons whose
   |silu(gate . x)| passes a per-layer threshold calibrated for a target density (or the top k). Exact
   for that criterion, at the DRAM cost of the gate (a third of the FFN); or, with `gate_bits`, from a
-  2- or 3-bit sketch of the gate (less DRAM, approximate; selection only, compute stays exact).
+  1-, 2- or 3-bit sketch of the gate (less DRAM, approximate; selection only, compute stays exact).
 - `AllSelector`: every neuron (flash then equals dense). `OracleSelector`: the true non-zero set of a
   ReLU FFN, computed from all weights (tests and measurements only).
 """
@@ -63,7 +63,7 @@ class PredictorSelector(Selector):
         self.bias = [weights[predictor_prefix(i) + "b.bias"] for i in range(layers)]  # (n,)
         # sigmoid(z) > t  <=>  z > logit(t): no sigmoid at run time
         self.logit = logits if logits is not None else [math.log(t / (1 - t)) for t in thresholds]
-        self.resident_bytes = 0  # its weights are part of resident.safetensors, counted there
+        self.resident_bytes = sum(m.nbytes for m in (*self.a, *self.b, *self.bias))
 
     def scores(self, layer: int, x: mx.array) -> mx.array:
         """Pre-sigmoid scores (T, n)."""
@@ -122,7 +122,7 @@ SKETCH_GROUP = 64
 
 
 def gate_sketch(gates: list[tuple], quantization: dict | None, bits: int) -> list[tuple]:
-    """A lossy `bits`-bit copy of each layer's gate (2 or 3 bits: a half or less of a 4-bit gate)."""
+    """A lossy `bits`-bit copy of each layer's gate, for selection (1-3 bits: a quarter to 3/4 of a 4-bit gate)."""
     out = []
     for g in gates:
         full = mx.dequantize(*g, **quantization["gate"]) if quantization else g[0]

@@ -1,8 +1,9 @@
 """Train the low-rank predictors and calibrate the selectors of a bundle (PAPER.md, "predictors").
 
 1. Run the dense model over text, layer by layer recording the FFN inputs x and the target set:
-   ReLU FFNs, the neurons that are non-zero; gated FFNs, the neurons whose |silu(gate . x)| passes a
-   per-layer threshold calibrated for the target density (the exact gate selector's set).
+   ReLU FFNs, the neurons that are non-zero; gated FFNs, the neurons whose |silu(gate . x)| (the
+   exact gate selector's set, the default) or |h| (`target="activation"`) passes a per-layer
+   threshold calibrated for the target density.
 2. Per layer, fit sigmoid(B(A x)) to the targets with a loss balanced between positives and negatives,
    then pick the threshold that reaches the target recall on the training tokens.
 3. Report recall, precision and density on held-out tokens, measure the window unions the planner
@@ -29,6 +30,9 @@ from .planner import MAX_WINDOW
 from .selectors import predictor_prefix
 
 MIN_TOKENS = 256
+# gated FFNs: what the predictor learns to pick, the largest |silu(gate . x)| (the exact gate
+# selector's set, the default) or the largest |h| (the activations the output is made of)
+TARGETS = ("gate", "activation")
 DENSITY_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)  # densities the planner can re-threshold to
 
 
@@ -46,23 +50,27 @@ def default_rank(hidden_size: int) -> int:
 
 
 class _Recorder(nn.Module):
-    """Wraps a layer's FFN: passes x through and records x and the layer's target signal."""
+    """Wraps a layer's FFN: passes x through and records x and the layer's target signals: ReLU FFNs,
+    which neurons are non-zero; gated FFNs, |h| (the activation) and |silu(gate . x)| (the gate)."""
 
     def __init__(self, ffn, gated: bool):
         super().__init__()
         self.ffn, self.gated = ffn, gated
         self.inputs: list[np.ndarray] = []
         self.signal: list[np.ndarray] = []
+        self.gate: list[np.ndarray] = []
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self.ffn._blocks_weights() if isinstance(self.ffn, NaiveFFN) else self.ffn._w
         h, gate_mag = self.ffn.activations(x, w)
         y = self.ffn.down(h, w)  # the same output as ffn.dense, without computing h twice
-        sig = gate_mag if self.gated else (h != 0)
+        sig = mx.abs(h) if self.gated else (h != 0)
         mx.eval(y, sig)
-        d = x.shape[-1]
+        d, n = x.shape[-1], h.shape[-1]
         self.inputs.append(np.asarray(x.reshape(-1, d).astype(mx.float16)))
-        self.signal.append(np.asarray(sig.reshape(-1, sig.shape[-1]).astype(mx.float16 if self.gated else mx.bool_)))
+        self.signal.append(np.asarray(sig.reshape(-1, n).astype(mx.float16 if self.gated else mx.bool_)))
+        if self.gated:
+            self.gate.append(np.asarray(gate_mag.reshape(-1, n).astype(mx.float16)))
         return y
 
 
@@ -79,8 +87,9 @@ def tokenize_text(tokenizer, path: Path, tokens: int) -> list[int]:
     return ids
 
 
-def collect(model, ids: list[int], gated: bool, context: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Run the dense model over `ids` in windows of `context`; per layer (N, d) inputs and (N, n) signal."""
+def collect(model, ids: list[int], gated: bool, context: int) -> tuple[list, list, list]:
+    """Run the dense model over `ids` in windows of `context`; per layer (N, d) inputs, (N, n) signal
+    (|h| or h != 0) and, gated FFNs only, (N, n) gate magnitudes."""
     layers = model.model.layers
     recorders = [_Recorder(block.mlp, gated) for block in layers]
     for block, rec in zip(layers, recorders):
@@ -91,7 +100,8 @@ def collect(model, ids: list[int], gated: bool, context: int) -> tuple[list[np.n
     finally:
         for block, rec in zip(layers, recorders):
             block.mlp = rec.ffn
-    return [np.concatenate(r.inputs) for r in recorders], [np.concatenate(r.signal) for r in recorders]
+    join = lambda parts: np.concatenate(parts) if parts else None  # noqa: E731
+    return [join(r.inputs) for r in recorders], [join(r.signal) for r in recorders], [join(r.gate) for r in recorders]
 
 
 def balanced_loss(logits: mx.array, target: mx.array) -> mx.array:
@@ -173,12 +183,15 @@ def train_predictors(
     heldout: float = 0.15,
     selector: str = "predictor",
     gate_bits: int | None = None,
+    target: str = "gate",
 ) -> list[LayerReport]:
     """Collect, train, calibrate, report and write the selector into the bundle; returns the report."""
     from . import load
 
     if not 0 < density <= 1:
         raise UsageError(f"--density {density}: must be within (0, 1]")
+    if target not in TARGETS:
+        raise UsageError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     bundle = Bundle.open(bundle_path)
     spec = bundle.spec
     if selector == "gate" and not (spec.gated and spec.activation != "relu"):
@@ -189,35 +202,33 @@ def train_predictors(
     gated = spec.gated and spec.activation != "relu"
     t0 = time.perf_counter()
     context = min(context, bundle.config.get("max_position_embeddings") or context)
-    inputs, signals = collect(model, ids, gated, context)
+    inputs, signals, gate_signals = collect(model, ids, gated, context)
     model.flash.close()
     split = int(len(ids) * (1 - heldout))
     weights, reports, gate_thresholds, pred_thresholds, pred_masks, gate_masks = {}, [], [], [], [], []
     score_quantiles = []  # per layer: the pre-sigmoid score at which each DENSITY_GRID share is selected
     for layer in tqdm(range(bundle.num_layers), desc="train", unit="layer"):
-        x, sig = inputs[layer], signals[layer]
+        x, truth = inputs[layer], signals[layer]
         if gated:  # the exact gate set at the target density, one threshold per layer
-            thr = float(np.quantile(sig[:split].astype(np.float32), 1 - density))
-            target = sig > thr
-            gate_thresholds.append(thr)
-            gate_masks.append(target[split:])
-        else:
-            target = sig
-        predictor = train_layer(x[:split], target[:split], rank, epochs, seed=layer)
+            gate, gate_thr = _top_share(gate_signals[layer], split, density)
+            gate_thresholds.append(gate_thr)
+            gate_masks.append(gate[split:])
+            truth = gate if target == "gate" else _top_share(truth, split, density)[0]
+        predictor = train_layer(x[:split], truth[:split], rank, epochs, seed=layer)
         scores = np.asarray(predictor(mx.array(x.astype(np.float32))))
-        p = threshold_for_recall(scores[:split], target[:split], recall)
+        p = threshold_for_recall(scores[:split], truth[:split], recall)
         pred_thresholds.append(p)
         score_quantiles.append(np.quantile(scores[split:], DENSITY_GRID[::-1]).tolist())
         chosen = scores[split:] > math.log(p / (1 - p))
         pred_masks.append(chosen)
-        reports.append(_report(layer, chosen, target[split:]))
+        reports.append(_report(layer, chosen, truth[split:]))
         prefix = predictor_prefix(layer)
         weights[prefix + "a.weight"] = predictor.a.weight.astype(mx.float16)
         weights[prefix + "b.weight"] = predictor.b.weight.astype(mx.float16)
         weights[prefix + "b.bias"] = predictor.b.bias.astype(mx.float16)
     recorded = {
         "kind": selector,
-        "target": "gate" if gated else "nonzero",
+        "target": target if gated else "nonzero",
         "rank": [rank] * bundle.num_layers,
         "predictor_threshold": pred_thresholds,
         "density_grid": DENSITY_GRID.tolist(),
@@ -236,6 +247,12 @@ def train_predictors(
         recorded["stats"]["gate"] = _selection_stats(gate_masks)
     update_resident(bundle, weights, recorded)
     return reports
+
+
+def _top_share(magnitude: np.ndarray, split: int, density: float) -> tuple[np.ndarray, float]:
+    """The neurons whose magnitude passes the layer's threshold for `density` (set on the training tokens)."""
+    thr = float(np.quantile(magnitude[:split].astype(np.float32), 1 - density))
+    return magnitude > thr, thr
 
 
 def _selection_stats(masks: list[np.ndarray]) -> dict:

@@ -1,4 +1,5 @@
-"""The neuron cache's bookkeeping, property-tested: rows hold exactly the window's union, the index is a
+"""The neuron cache's bookkeeping, property-tested: rows hold exactly the window's union (with `retain`, plus
+the most recently used neurons that fit), the replay used by masked evaluation agrees, the index is a
 bijection onto the used rows, each row holds its neuron's record, and nothing reallocates."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlxflash.bundle import RecordLayout
-from mlxflash.cache import NeuronCache, runs
+from mlxflash.cache import NeuronCache, cached_masks, runs
 
 N, R = 40, 16
 LAYOUT = RecordLayout.build([("gate.weight", "uint8", 3), ("up.weight", "float32", 2), ("down.weight", "uint16", 1)])
@@ -85,3 +86,40 @@ def test_runs_cover_ids_and_respect_gap(ids, gap):
         assert np.all(np.diff(ids[lo:hi]) <= gap + 1)
     for (_, hi), (lo, _) in zip(spans, spans[1:]):
         assert ids[lo] - ids[hi - 1] > gap + 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N))
+def test_retain_keeps_the_window_and_the_most_recent_others(seq, window, capacity):
+    """With `retain`, rows hold the window's union plus neurons past it, as many as fit, most recent first."""
+    cache = NeuronCache(N, capacity, LAYOUT, window, retain=True)
+    pointers = {k: v.ctypes.data for k, v in cache.fields_np.items()}
+    seen: set[int] = set()
+    for selected in seq:
+        ids = _apply(cache, selected)
+        kept = set(ids[:capacity].tolist())
+        seen |= kept
+        window_union = set().union(*[set(h.tolist()) for h in cache.history])
+        held = set(cache.index[: cache.used].tolist())
+        assert window_union <= held and kept <= held
+        assert cache.used == min(capacity, len(seen))  # nothing leaves while there is room
+        _check(cache, held)
+        others = held - window_union
+        if others:  # every retained neuron was used no earlier than any neuron that left
+            gone = seen - held
+            assert not gone or min(cache.last_used[list(others)]) >= max(cache.last_used[list(gone)])
+    assert {k: v.ctypes.data for k, v in cache.fields_np.items()} == pointers
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq=selections, window=st.integers(1, 4), capacity=st.integers(1, N), retain=st.booleans())
+def test_cached_masks_replay_the_cache(seq, window, capacity, retain):
+    """Masked evaluation's replay holds, after each token, exactly what the real cache holds."""
+    masks = np.zeros((1, len(seq), N), dtype=bool)
+    for t, s in enumerate(seq):
+        masks[0, t, sorted(s)] = True
+    replay = cached_masks(masks, capacity, window, retain)
+    cache = NeuronCache(N, capacity, LAYOUT, window, retain=retain)
+    for t, s in enumerate(seq):
+        _apply(cache, s)
+        assert set(np.flatnonzero(replay[0, t]).tolist()) == set(cache.index[: cache.used].tolist())

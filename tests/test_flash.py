@@ -116,12 +116,16 @@ def _gate_selector(path, quantile=0.6):
     return GateSelector(gates, bundle.spec.quantization, thresholds)
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_masked_prompt_equals_token_by_token_flash(bundles, window):
-    """Evaluation runs whole sequences with per-token masks; that must equal real flash decoding."""
+@pytest.mark.parametrize("window, retain, memory", [(1, False, None), (3, False, None), (2, True, "98%")])
+def test_masked_prompt_equals_token_by_token_flash(bundles, window, retain, memory):
+    """Evaluation runs whole sequences with per-token masks; that must equal real flash decoding (also with a
+    cache too small for every neuron, and with neurons retained past the window)."""
     path = bundles["llama-q4"]
-    stepwise, _ = mlxflash.load(path, mode="flash", selector=_gate_selector(path), window=window)
-    masked, _ = mlxflash.load(path, mode="flash", selector=_gate_selector(path), window=window, masked_prompts=True)
+    kw = dict(mode="flash", window=window, retain=retain, memory=memory)
+    stepwise, _ = mlxflash.load(path, selector=_gate_selector(path), **kw)
+    masked, _ = mlxflash.load(path, selector=_gate_selector(path), masked_prompts=True, **kw)
+    if memory:
+        assert masked.flash.plan.capacity < Bundle.open(path).spec.intermediate_size
     whole = np.array(masked(mx.array([TOKENS])))
     np.testing.assert_allclose(whole, decode_logits(stepwise), atol=1e-4, rtol=1e-4)
     dense, _ = mlxflash.load(path, mode="resident")
@@ -129,6 +133,32 @@ def test_masked_prompt_equals_token_by_token_flash(bundles, window):
     batch = np.array(masked(mx.array([TOKENS, TOKENS[::-1]])))  # batched scoring: rows stay independent
     np.testing.assert_allclose(batch[:1], whole, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(batch[1:], np.array(masked(mx.array([TOKENS[::-1]]))), atol=1e-4, rtol=1e-4)
+
+
+def test_last_prompt_token_is_computed_dense(bundles):
+    """mlx-lm feeds a prompt's last token alone; it still belongs to the prompt: the first generated token
+    is the dense model's even when decoding keeps a single neuron per layer."""
+    path = bundles["llama-q4"]
+    dense, tok = mlxflash.load(path, mode="resident")
+    sparse, _ = mlxflash.load(path, mode="flash", selector="gate", gate_bits=2, density=1 / 128)
+    first = [r.token for r in mlxflash.stream_generate(dense, tok, TOKENS, max_tokens=1)]
+    assert [r.token for r in mlxflash.stream_generate(sparse, tok, TOKENS, max_tokens=1)] == first
+
+
+def test_budget_share_is_of_the_weights_and_predictors_count_as_selector(bundles, tmp_path, shared_data):
+    import shutil
+
+    from mlxflash.train import train_predictors
+
+    path = shutil.copytree(bundles["llama"], tmp_path / "b")
+    train_predictors(path, shared_data / "tinyshakespeare.txt", tokens=512, density=0.5, epochs=1, context=128)
+    bundle = Bundle.open(path)
+    assert 0 < bundle.predictor_bytes < bundle.resident_bytes
+    model, _ = mlxflash.load(path, mode="flash", selector="predictor", memory="99%")
+    plan = model.flash.plan
+    assert plan.model_bytes == bundle.resident_bytes - bundle.predictor_bytes + bundle.spec.ffn_bytes
+    assert plan.budget == int(0.99 * plan.model_bytes)
+    assert plan.selector_bytes == bundle.predictor_bytes and plan.planned_bytes <= plan.budget
 
 
 def test_window_zero_reloads_every_neuron(bundles):

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlxflash.cpu import reexec_with_openblas
 from mlxflash.errors import MlxflashError
 from mlxflash.train import format_report, train_predictors
 
@@ -33,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         "--selector", choices=("predictor", "gate"), default="predictor", help="the selector flash mode uses by default"
     )
     p.add_argument(
-        "--gate-bits", type=int, choices=(2, 3), help="with --selector gate: select from a low-bit gate copy"
+        "--gate-bits", type=int, choices=(1, 2, 3), help="with --selector gate: select from a low-bit gate copy"
+    )
+    p.add_argument(
+        "--target",
+        choices=("gate", "activation"),
+        default="gate",
+        help="gated FFNs: train the predictor on the gate selector's set (default) or on the largest |h|",
     )
     args = p.parse_args(argv)
+    reexec_with_openblas()  # Linux CPU: the dense passes over the text are BLAS-bound
     try:
         reports = train_predictors(
             args.bundle,
@@ -46,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             recall=args.recall,
             epochs=args.epochs,
             mode=args.mode,
+            selector=args.selector,
+            gate_bits=args.gate_bits,
+            target=args.target,
         )
     except MlxflashError as e:
         print(f"train_predictors: error: {e}", file=sys.stderr)
