@@ -4,9 +4,10 @@ The cache's matrices (one per record field) are allocated once (aligned, touched
 reallocated. `index[row]` is the neuron in a row, `used` the number of rows in use: rows [0, used)
 hold exactly the union of the last `window` tokens' selections, or with `retain` that union plus the
 most recently used neurons past the window while there is room (they cost no read and only add exact
-terms). Deleting moves the last used rows into the freed ones; inserting appends. Missing records are read whole (one read per run of adjacent
-neurons) into an aligned staging buffer and split into the field matrices: a copy of the new rows
-only, so that the FFN multiplies with contiguous matrices instead of copying every cached row.
+terms). Deleting moves the last used rows into the freed ones; inserting appends. Missing records are
+read whole (one read per run of adjacent neurons) into an aligned staging buffer of fixed size and
+split into the field matrices: a copy of the new rows only, so that the FFN multiplies with contiguous
+matrices instead of copying every cached row.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ import numpy as np
 from .bundle import RecordLayout, mx_dtype
 from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .stats import RuntimeStats
+
+STAGING_BYTES = 4 << 20  # where reads land before the split into field matrices; counted in the plan
+
+
+def staging_bytes(neurons: int, record_bytes: int) -> int:
+    """The staging buffer's size: STAGING_BYTES, or a whole layer's records if that is less."""
+    return min(STAGING_BYTES, neurons * record_bytes)
 
 
 class CacheIndex:
@@ -161,13 +169,12 @@ class NeuronCache(CacheIndex):
             out[f.offset : f.offset + f.nbytes] = self.fields_np[f.name][row]
         return out
 
-    _staging: tuple | None = None  # shared by all layers' caches (one fill at a time), grows as needed
+    _staging: tuple | None = None  # shared by all layers' caches (one fill at a time), allocated once
 
-    @classmethod
-    def _stage(cls, nbytes: int) -> np.ndarray:
+    def _stage(self, nbytes: int) -> np.ndarray:
+        cls = NeuronCache
         if cls._staging is None or cls._staging[1].nbytes < nbytes:
-            size = max(nbytes, DIRECT_ALIGN, 2 * cls._staging[1].nbytes if cls._staging else 0)
-            cls._staging = aligned_buffer(size)
+            cls._staging = aligned_buffer(max(nbytes, staging_bytes(self.neurons, self.record_bytes)))
         return cls._staging[1][:nbytes]
 
     def fill_from_disk(
@@ -181,22 +188,39 @@ class NeuronCache(CacheIndex):
     ) -> None:
         """Read the missing records and put them in rows start.. . Adjacent records are one read; runs
         with gaps of at most `gap` records are read through. `parts` [(offset, bytes), ...] turns
-        bundling off: each part of each record is then its own read (the ablation)."""
+        bundling off: each part of each record is then its own read (the ablation). Reads land in a
+        staging buffer of STAGING_BYTES, in as many rounds as it takes."""
+        limit = max(1, staging_bytes(self.neurons, self.record_bytes) // self.record_bytes)  # records per round
+        batch, extent = [], 0
+        for lo, hi in _bounded(runs(missing, gap), missing, limit):
+            size = int(missing[hi - 1] - missing[lo]) + 1
+            if batch and extent + size > limit:
+                self._fill_round(reader, block_offset, missing, start, batch, parts)
+                batch, extent = [], 0
+            batch.append((lo, hi))
+            extent += size
+        if batch:
+            self._fill_round(reader, block_offset, missing, start, batch, parts)
+
+    def _fill_round(self, reader, block_offset: int, missing: np.ndarray, start: int, spans: list, parts) -> None:
+        """One round of reads: the runs `spans` (consecutive in `missing`) through the staging buffer."""
         R = self.record_bytes
-        spans = runs(missing, gap)
         sizes = [int(missing[hi - 1] - missing[lo]) + 1 for lo, hi in spans]
         staging = self._stage(sum(sizes) * R).reshape(-1, R)
-        reads, base, wanted = [], 0, np.empty(len(missing), dtype=np.int64)
+        first_index = spans[0][0]
+        reads, base = [], 0
+        wanted = np.empty(spans[-1][1] - first_index, dtype=np.int64)  # staging row of each missing record
         for (lo, hi), size in zip(spans, sizes):
             first = int(missing[lo])
             dest = staging[base : base + size].reshape(-1)
             reads.extend(
                 [(block_offset + first * R, dest)] if parts is None else _unbundled(block_offset, R, first, dest, parts)
             )
-            wanted[lo:hi] = base + missing[lo:hi] - first
+            wanted[lo - first_index : hi - first_index] = base + missing[lo:hi] - first
             base += size
         reader.read(reads)
-        self.write_records(start, staging[wanted] if base != len(missing) else staging[: len(missing)])
+        records = staging[wanted] if base != len(wanted) else staging[: len(wanted)]
+        self.write_records(start + first_index, records)
 
     def views(self) -> tuple[dict[str, mx.array], mx.array]:
         """The fields of the rows in use, {name: (used, count)} (contiguous, no copy), and their neuron ids."""
@@ -210,6 +234,16 @@ def runs(ids: np.ndarray, gap: int) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(ids) > gap + 1) + 1
     edges = np.concatenate([[0], breaks, [len(ids)]])
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def _bounded(spans: list[tuple[int, int]], ids: np.ndarray, limit: int):
+    """Cut runs [lo, hi) of sorted `ids` whose extent (last id - first id + 1) exceeds `limit`."""
+    for lo, hi in spans:
+        while ids[hi - 1] - ids[lo] + 1 > limit:
+            cut = lo + int(np.searchsorted(ids[lo:hi], ids[lo] + limit))
+            yield lo, cut
+            lo = cut
+        yield lo, hi
 
 
 def _unbundled(block_offset: int, R: int, first: int, dest: np.ndarray, parts: list[tuple[int, int]]):

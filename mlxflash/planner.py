@@ -2,7 +2,7 @@
 
 Fixed in DRAM: the resident weights (embeddings, attention, norms, LM head, FFN biases and group
 scales), what the selector keeps (the predictors, or the gate rows or their sketch) and a slice of a layer's
-FFN block for prompt processing. A share of "the model" (`--memory 75%`) is of its weights: predictors are
+FFN block for prompt processing, plus the staging buffer reads land in. A share of "the model" (`--memory 75%`) is of its weights: predictors are
 not part of it. The rest of the budget is the neuron cache, split evenly over layers.
 The window k is the largest whose expected union of selections (measured when the predictors were
 trained) fits a layer's cache. Not in the budget: the KV cache and the runtime itself (Python, MLX,
@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from .bundle import Bundle
+from .cache import staging_bytes
 from .errors import UsageError
 
 _UNITS = {
@@ -93,7 +94,7 @@ class Plan:
         lines = [
             f"memory plan: {budget} -> flash mode, {_mb(self.planned_bytes)} planned",
             f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head",
-            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; prompt buffer {_mb(self.prompt_buffer_bytes)} (a slice of an FFN block)",
+            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; I/O buffers {_mb(self.prompt_buffer_bytes)} (a prompt's block slice, read staging)",
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
@@ -138,7 +139,7 @@ def plan_flash(
     `density` is the share of neurons the selector will pick (None: as measured at training)."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
-    prompt_buffer = prompt_chunk_rows(spec) * R
+    prompt_buffer = prompt_chunk_rows(spec) * R + staging_bytes(n, R)  # prompt slices, where reads land
     plan = Plan(
         "flash",
         budget,
@@ -164,7 +165,7 @@ def plan_flash(
         if plan.capacity < need:
             raise TooSmall(
                 f"--memory {_mb(budget)} is too small: {_mb(fixed)} must stay resident (weights "
-                f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, prompt buffer {_mb(prompt_buffer)}) and "
+                f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, I/O buffers {_mb(prompt_buffer)}) and "
                 f"the cache needs at least {_mb(need * layers * R)} for one token's neurons at density {density:.2f}; "
                 f"the smallest workable budget is about {_mb(fixed + need * layers * R)}",
                 plan,
