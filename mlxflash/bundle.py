@@ -301,9 +301,7 @@ class Bundle:
         """Bytes of the neuron predictors inside resident.safetensors (not part of the model's weights)."""
         with open(self.path / RESIDENT_FILE, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return sum(
-            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k
-        )
+        return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k)
 
     @property
     def weights_bytes(self) -> int:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .bundle import RecordLayout, mx_dtype
-from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
+from .reader import FlashReader, aligned_buffer
 from .stats import RuntimeStats
 
 STAGING_BYTES = 4 << 20  # where reads land before the split into field matrices; counted in the plan

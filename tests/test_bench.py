@@ -82,3 +82,23 @@ def test_bench_runs_baselines(tiny, tmp_path):
     assert modes["naive"]["bytes_per_token"] == ffn
     assert modes["resident"]["bytes_per_token"] == 0
     assert modes["naive"]["speedup_vs_naive"] == pytest.approx(1.0)
+
+
+def test_common_attention_figure_replaces_each_modes_own():
+    runs = []
+    for mode, layer_ms, head_ms, ffn_ms in [
+        ("naive", 30.0, 100.0, 900.0),
+        ("hybrid", 20.0, 80.0, 700.0),
+        ("flash", 40.0, 90.0, 100.0),
+    ]:
+        r = bench.ModeResult(mode)
+        r.attention_ms = 4 * layer_ms + head_ms
+        r.compute_ms, r.total_ms = r.attention_ms + 10.0, r.attention_ms + ffn_ms
+        r.extra = {"attention_layer_ms": layer_ms, "head_ms": head_ms}
+        runs.append(r)
+    bench.common_attention(runs, layers=4)
+    common = 4 * 30.0 + 90.0  # medians of the layer and head figures
+    assert [r.attention_ms for r in runs] == [common] * 3
+    assert [r.total_ms for r in runs] == [common + 900.0, common + 700.0, common + 100.0]
+    assert [r.compute_ms for r in runs] == [common + 10.0] * 3
+    assert runs[2].extra["attention_measured_ms"] == 4 * 40.0 + 90.0

@@ -9,8 +9,9 @@ the FFN layer by layer: per token and layer, the FFN input is a fixed random vec
 every mode; in the bundle's dtype for float bundles, as mlx-lm runs a model in its weights' dtype,
 float32 for quantized ones, MLX's fast CPU path for quantized_matmul; see `activation_dtype`), the mode fetches what it needs (I/O), prepares it (memory management) and
 computes the FFN (compute). Attention, norms and the LM head cost the same in every mode: their
-projections are timed once (layer 0's, times the number of layers, plus the head) and added to
-compute; the score/softmax over a short KV cache is left out. Tokens: --warmup, then --tokens
+projections are timed in each mode's process (layer 0's, times the number of layers, plus the head;
+medians of 5), and the median of those figures over the modes is added to every mode's compute, so
+ratios do not depend on when each process timed them; the score/softmax over a short KV cache is left out. Tokens: --warmup, then --tokens
 measured; each column is the median over the measured tokens (total: the median of the totals).
 
 Modes:
@@ -790,6 +791,23 @@ def full_depth(r: ModeResult, budget: Budget) -> dict:
     }
 
 
+def common_attention(results: list[ModeResult], layers: int) -> None:
+    """Attention and the LM head are the same work in every mode, timed apart in each mode's process:
+    replace each mode's own figure by the median over the modes, so the ratios compare FFN methods
+    and not the moment each process happened to time the attention (the figure measured stays in extra)."""
+    ran = [r for r in results if not r.skipped and "head_ms" in r.extra]
+    if not ran:
+        return
+    layer = statistics.median(r.extra["attention_layer_ms"] for r in ran)
+    head = statistics.median(r.extra["head_ms"] for r in ran)
+    for r in ran:
+        common = layer * layers + head
+        r.extra["attention_measured_ms"] = r.attention_ms
+        r.compute_ms += common - r.attention_ms
+        r.total_ms += common - r.attention_ms
+        r.attention_ms, r.extra["attention_layer_ms"], r.extra["head_ms"] = common, layer, head
+
+
 def add_speedups(results: list[ModeResult]) -> None:
     base = {r.mode: r.total_ms for r in results if not r.skipped}
     for r in results:
@@ -873,7 +891,7 @@ def header(bundle: Bundle, budget: Budget, m: dict, args) -> str:
             f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB; MLX {m['mlx']} {m['device']}; "
             f"BLAS {m['blas']}; activations {m['activations']}; I/O {m['io_mode']}",
             f"disk: sequential {m['disk_sequential_gbps']:.2f} GB/s ({m['disk_curve']}); "
-            f"median of {args.tokens} tokens after {args.warmup} warm-up; attention+head timed once and added to compute",
+            f"median of {args.tokens} tokens after {args.warmup} warm-up; attention+head: each mode times it (median of 5), every mode gets the median over the modes, added to compute",
         ]
     )
 
@@ -953,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         why = skip_reason(mode, bundle, budget)
         print(f"{mode}: {'skipped: ' + why if why else 'running'}", file=sys.stderr, flush=True)
         results.append(ModeResult(mode, skipped=why) if why else run_child(mode, args, budget))
+    common_attention(results, bundle.num_layers)
     add_speedups(results)
     if budget.full_layers != budget.layers:
         add_full_depth(results, budget)
