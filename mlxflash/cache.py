@@ -26,8 +26,9 @@ STAGING_BYTES = 4 << 20  # where reads land before the split into field matrices
 
 
 def staging_bytes(neurons: int, record_bytes: int) -> int:
-    """The staging buffer's size: STAGING_BYTES, or a whole layer's records if that is less."""
-    return min(STAGING_BYTES, neurons * record_bytes)
+    """The staging buffer's size: STAGING_BYTES, or an eighth of a layer's records if that is less
+    (small models: a budget's few MB are better spent on cached neurons)."""
+    return min(STAGING_BYTES, max(record_bytes, neurons * record_bytes // 8))
 
 
 class CacheIndex:
