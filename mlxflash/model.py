@@ -155,7 +155,8 @@ def load_model(
     mode: "resident", "naive" or "flash"; by default "flash" when `memory` is smaller than the model.
     threads default to the disk cost model's choice; gap (records read through between needed ones)
     defaults to 0 (only adjacent records are merged), "auto" takes the cost model's: fewer, larger reads
-    at the price of more bytes.
+    at the price of more bytes. retain keeps neurons past the window while the cache has room (no reads,
+    more compute; off by default: on the default model it did not improve answers).
     """
     if mode is not None and mode not in MODES:
         raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")

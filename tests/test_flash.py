@@ -271,3 +271,20 @@ def test_gate_sketch_selector_uses_less_memory(bundles):
     assert sketch.flash.plan.selector_bytes < exact.flash.selector.resident_bytes
     stats = list(mlxflash.stream_generate(sketch, tok, "hello", max_tokens=4))[-1].stats
     assert stats["selected_density"] == pytest.approx(0.5, abs=0.01)  # top-k: exactly the density asked for
+
+
+def test_default_model_answers_in_flash_mode_under_a_budget(default_bundle, shared_data, tmp_path):
+    """The issue's command on the real default model (its selectors are trained on first flash use).
+    84% is the smallest budget that answers correctly here; 88% leaves a margin for other BLAS builds."""
+    out = tmp_path / "s.json"
+    proc = _cli(
+        "generate", "--memory", "88%", "--prompt", "What is the capital of France?", "--temp", 0,
+        "--max-tokens", 12, "--stats-json", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(out.read_text())
+    assert stats["mode"] == "flash" and "Paris" in proc.stdout
+    assert stats["bytes_read_per_token"] <= 0.25 * stats["ffn_bytes"]
+    assert stats["planned_bytes"] <= stats["memory_budget"]
+    working = stats["peak_rss_bytes"] - stats["memory_budget"] - stats["fixed_overhead_bytes"]
+    assert working < 64e6  # prompt temporaries, KV cache (README: about 40 MB measured)
