@@ -277,10 +277,10 @@ def test_default_model_answers_in_flash_mode_under_a_budget(default_bundle, shar
     """The issue's command on the real default model (its selectors are trained on first flash use).
     84% is the smallest budget that answers correctly here; 88% leaves a margin for other BLAS builds."""
     out = tmp_path / "s.json"
-    proc = _cli(
-        "generate", "--memory", "88%", "--prompt", "What is the capital of France?", "--temp", 0,
-        "--max-tokens", 12, "--stats-json", out,
-    )  # fmt: skip
+    args = ["generate", "--memory", "88%", "--prompt", "What is the capital of France?", "--temp", 0]
+    proc = _cli(*args, "--max-tokens", 12, "--stats-json", out)
+    if "first flash use" in proc.stderr:  # that process trained the selectors: its peak RSS counts the training
+        proc = _cli(*args, "--max-tokens", 12, "--stats-json", out)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(out.read_text())
     assert stats["mode"] == "flash" and "Paris" in proc.stdout
