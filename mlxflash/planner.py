@@ -94,7 +94,7 @@ class Plan:
         lines = [
             f"memory plan: {budget} -> flash mode, {_mb(self.planned_bytes)} planned",
             f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head",
-            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; I/O buffers {_mb(self.prompt_buffer_bytes)} (a prompt's block slice, read staging)",
+            f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; I/O buffers {_mb(self.prompt_buffer_bytes)} (a prompt's block slice, read staging and scratch)",
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
@@ -133,13 +133,15 @@ def plan_flash(
     selector_bytes: int,
     window: int | None = None,
     density: float | None = None,
+    read_scratch: int = 0,
 ) -> Plan:
     """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN).
 
-    `density` is the share of neurons the selector will pick (None: as measured at training)."""
+    `density` is the share of neurons the selector will pick (None: as measured at training);
+    `read_scratch` the reader threads' buffers for unaligned direct reads."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
-    prompt_buffer = prompt_chunk_rows(spec) * R + staging_bytes(n, R)  # prompt slices, where reads land
+    prompt_buffer = prompt_chunk_rows(spec) * R + staging_bytes(n, R) + read_scratch  # all the I/O buffers
     plan = Plan(
         "flash",
         budget,

@@ -24,6 +24,8 @@ from .errors import BundleError
 DIRECT_ALIGN = 4096  # O_DIRECT needs offset, length and buffer aligned to the logical block size
 F_NOCACHE = 48  # macOS fcntl
 SPLIT_BYTES = 1 << 20  # large runs are cut into pieces so several threads share them
+SCRATCH_BYTES = 64 << 10  # per thread: unaligned reads go through it in pieces (O_DIRECT's envelope)
+ENVELOPE_PIECE = SCRATCH_BYTES - 2 * DIRECT_ALIGN  # a piece plus its alignment on both sides fits
 
 
 def aligned_buffer(nbytes: int, align: int = DIRECT_ALIGN) -> tuple[mx.array, np.ndarray]:
@@ -94,7 +96,7 @@ class FlashReader:
 
     def read(self, runs: list[tuple[int, np.ndarray]]) -> None:
         """Fill each destination (a uint8 numpy array) with the file's bytes from its offset."""
-        pieces = [p for offset, dest in runs for p in _split(offset, dest)]
+        pieces = [p for offset, dest in runs for p in _split(offset, dest, self._piece_bytes(offset, dest))]
         if not pieces:
             return
         t0 = time.perf_counter()
@@ -111,6 +113,18 @@ class FlashReader:
         c.bytes_read += sum(d.nbytes for _, d in runs)
         c.bytes_transferred += moved
         c.reads += len(pieces)
+
+    def _piece_bytes(self, offset: int, dest: np.ndarray) -> int:
+        """Aligned reads land in place in large pieces; unaligned ones go through the thread's scratch."""
+        direct = self.direct_io and sys.platform != "darwin"
+        aligned = offset % DIRECT_ALIGN == 0 and dest.ctypes.data % DIRECT_ALIGN == 0
+        return ENVELOPE_PIECE if direct and not aligned else SPLIT_BYTES
+
+    def scratch_bytes(self, largest_read: int) -> int:
+        """The most memory the threads' scratch buffers take when no read exceeds `largest_read` bytes."""
+        if not self.direct_io or sys.platform == "darwin":
+            return 0
+        return self.threads * min(SCRATCH_BYTES, largest_read + 2 * DIRECT_ALIGN)
 
     def _read_batch(self, batch: list[tuple[int, np.ndarray]]) -> int:
         return sum(self._read_one(offset, dest) for offset, dest in batch)
@@ -146,7 +160,7 @@ class FlashReader:
     def _scratch(self, nbytes: int) -> np.ndarray:
         buf = getattr(self._local, "scratch", None)
         if buf is None or buf.nbytes < nbytes:
-            self._local.keep, buf = aligned_buffer(max(nbytes, 1 << 20))
+            self._local.keep, buf = aligned_buffer(max(nbytes, SCRATCH_BYTES))
             self._local.scratch = buf
         return buf
 
@@ -168,8 +182,8 @@ class FlashReader:
         return done
 
 
-def _split(offset: int, dest: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def _split(offset: int, dest: np.ndarray, piece: int = SPLIT_BYTES) -> list[tuple[int, np.ndarray]]:
     n = dest.nbytes
-    if n <= SPLIT_BYTES:
+    if n <= piece:
         return [(offset, dest)]
-    return [(offset + s, dest[s : s + SPLIT_BYTES]) for s in range(0, n, SPLIT_BYTES)]
+    return [(offset + s, dest[s : s + piece]) for s in range(0, n, piece)]
