@@ -10,6 +10,15 @@ from .reader import IOCounters
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss carries over from a large parent that forked the process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
