@@ -51,11 +51,11 @@ def default_rank(hidden_size: int) -> int:
 
 class _Recorder(nn.Module):
     """Wraps a layer's FFN: passes x through and records x and the layer's target signals: ReLU FFNs,
-    which neurons are non-zero; gated FFNs, |h| (the activation) and |silu(gate . x)| (the gate)."""
+    which neurons are non-zero; gated FFNs, |silu(gate . x)| (the gate) and, with `activation`, |h|."""
 
-    def __init__(self, ffn, gated: bool):
+    def __init__(self, ffn, gated: bool, activation: bool):
         super().__init__()
-        self.ffn, self.gated = ffn, gated
+        self.ffn, self.gated, self.activation = ffn, gated, activation
         self.inputs: list[np.ndarray] = []
         self.signal: list[np.ndarray] = []
         self.gate: list[np.ndarray] = []
@@ -64,11 +64,13 @@ class _Recorder(nn.Module):
         w = self.ffn._blocks_weights() if isinstance(self.ffn, NaiveFFN) else self.ffn._w
         h, gate_mag = self.ffn.activations(x, w)
         y = self.ffn.down(h, w)  # the same output as ffn.dense, without computing h twice
-        sig = mx.abs(h) if self.gated else (h != 0)
-        mx.eval(y, sig)
+        mx.eval(y, h)
         d, n = x.shape[-1], h.shape[-1]
         self.inputs.append(np.asarray(x.reshape(-1, d).astype(mx.float16)))
-        self.signal.append(np.asarray(sig.reshape(-1, n).astype(mx.float16 if self.gated else mx.bool_)))
+        if not self.gated:
+            self.signal.append(np.asarray((h != 0).reshape(-1, n)))
+        elif self.activation:
+            self.signal.append(np.asarray(mx.abs(h).reshape(-1, n).astype(mx.float16)))
         if self.gated:
             self.gate.append(np.asarray(gate_mag.reshape(-1, n).astype(mx.float16)))
         return y
@@ -87,11 +89,11 @@ def tokenize_text(tokenizer, path: Path, tokens: int) -> list[int]:
     return ids
 
 
-def collect(model, ids: list[int], gated: bool, context: int) -> tuple[list, list, list]:
+def collect(model, ids: list[int], gated: bool, context: int, activation: bool = False) -> tuple[list, list, list]:
     """Run the dense model over `ids` in windows of `context`; per layer (N, d) inputs, (N, n) signal
-    (|h| or h != 0) and, gated FFNs only, (N, n) gate magnitudes."""
+    (ReLU: h != 0; gated, with `activation`: |h|; else None) and, gated FFNs only, (N, n) gate magnitudes."""
     layers = model.model.layers
-    recorders = [_Recorder(block.mlp, gated) for block in layers]
+    recorders = [_Recorder(block.mlp, gated, activation) for block in layers]
     for block, rec in zip(layers, recorders):
         block.mlp = rec
     try:
@@ -202,7 +204,7 @@ def train_predictors(
     gated = spec.gated and spec.activation != "relu"
     t0 = time.perf_counter()
     context = min(context, bundle.config.get("max_position_embeddings") or context)
-    inputs, signals, gate_signals = collect(model, ids, gated, context)
+    inputs, signals, gate_signals = collect(model, ids, gated, context, activation=target == "activation")
     model.flash.close()
     split = int(len(ids) * (1 - heldout))
     weights, reports, gate_thresholds, pred_thresholds, pred_masks, gate_masks = {}, [], [], [], [], []

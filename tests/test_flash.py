@@ -310,3 +310,17 @@ def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, sh
     ensure_default_predictors(path)
     selector = Bundle.open(path).spec.selector
     assert selector["kind"] == DEFAULT_TRAINING["selector"] and selector["gate_bits"] == DEFAULT_TRAINING["gate_bits"]
+
+
+def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_data):
+    import shutil
+
+    from mlxflash.train import train_predictors
+
+    path = shutil.copytree(bundles["llama"], tmp_path / "b")
+    reports = train_predictors(
+        path, shared_data / "tinyshakespeare.txt", tokens=512, density=0.5, epochs=1, context=128, target="activation"
+    )
+    assert all(abs(r.target_density - 0.5) < 0.05 for r in reports)  # the largest |h|, half of the neurons
+    selector = Bundle.open(path).spec.selector
+    assert selector["target"] == "activation" and len(selector["gate_threshold"]) == 2
