@@ -19,7 +19,6 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .architectures import SUPPORTED, model_classes
 from .bundle import Bundle
-from .cache import staging_bytes
 from .convert import quant_params
 from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
@@ -265,7 +264,7 @@ def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_b
     )
     try:
         return selector, plan_flash(
-            bundle, budget, selector.kind, selector.resident_bytes, window, explicit, _read_scratch(bundle, reader)
+            bundle, budget, selector.kind, selector.resident_bytes, window, explicit, reader.scratch_bytes
         )
     except TooSmall as e:
         top_k = selector.kind == "gate"  # selects exactly its share: the whole cache may be used
@@ -275,20 +274,11 @@ def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_b
             raise
         density = fits if top_k else math.floor(fits / MIN_DENSITY) * MIN_DENSITY
         selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
-        plan = plan_flash(
-            bundle, budget, selector.kind, selector.resident_bytes, window, density, _read_scratch(bundle, reader)
-        )
+        plan = plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density, reader.scratch_bytes)
         plan.note = (
             f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
         )
         return selector, plan
-
-
-def _read_scratch(bundle: Bundle, reader: FlashReader) -> int:
-    """The reader threads' scratch: flash reads are at most a staging round or a prompt's block slice."""
-    spec = bundle.spec
-    n, R = spec.intermediate_size, spec.record.nbytes
-    return reader.scratch_bytes(max(staging_bytes(n, R), prompt_chunk_rows(spec) * R))
 
 
 def make_selector(

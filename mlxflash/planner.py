@@ -12,6 +12,7 @@ tokenizer), reported as the fixed overhead.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .bundle import Bundle
@@ -133,15 +134,18 @@ def plan_flash(
     selector_bytes: int,
     window: int | None = None,
     density: float | None = None,
-    read_scratch: int = 0,
+    read_scratch: Callable[[int], int] | None = None,
 ) -> Plan:
     """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN).
 
     `density` is the share of neurons the selector will pick (None: as measured at training);
-    `read_scratch` the reader threads' buffers for unaligned direct reads."""
+    `read_scratch(largest_read)`: the reader threads' buffers for unaligned direct reads
+    (`FlashReader.scratch_bytes`)."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
-    prompt_buffer = prompt_chunk_rows(spec) * R + staging_bytes(n, R) + read_scratch  # all the I/O buffers
+    slice_bytes, staging = prompt_chunk_rows(spec) * R, staging_bytes(n, R)  # no read is larger than these
+    scratch = read_scratch(max(slice_bytes, staging)) if read_scratch else 0
+    prompt_buffer = slice_bytes + staging + scratch  # all the I/O buffers
     plan = Plan(
         "flash",
         budget,

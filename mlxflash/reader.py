@@ -58,6 +58,8 @@ class FlashReader:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlxflash-io")
         self.fd, self.direct_io, self.io_note = self._open(direct)
+        # O_DIRECT on Linux needs aligned offsets, lengths and buffers; macOS's F_NOCACHE does not
+        self._aligned_only = self.direct_io and sys.platform != "darwin"
         self.size = os.fstat(self.fd).st_size
 
     def _open(self, direct: bool) -> tuple[int, bool, str]:
@@ -116,22 +118,19 @@ class FlashReader:
 
     def _piece_bytes(self, offset: int, dest: np.ndarray) -> int:
         """Aligned reads land in place in large pieces; unaligned ones go through the thread's scratch."""
-        direct = self.direct_io and sys.platform != "darwin"
         aligned = offset % DIRECT_ALIGN == 0 and dest.ctypes.data % DIRECT_ALIGN == 0
-        return ENVELOPE_PIECE if direct and not aligned else SPLIT_BYTES
+        return ENVELOPE_PIECE if self._aligned_only and not aligned else SPLIT_BYTES
 
     def scratch_bytes(self, largest_read: int) -> int:
         """The most memory the threads' scratch buffers take when no read exceeds `largest_read` bytes."""
-        if not self.direct_io or sys.platform == "darwin":
-            return 0
-        return self.threads * min(SCRATCH_BYTES, largest_read + 2 * DIRECT_ALIGN)
+        return self.threads * min(SCRATCH_BYTES, largest_read + 2 * DIRECT_ALIGN) if self._aligned_only else 0
 
     def _read_batch(self, batch: list[tuple[int, np.ndarray]]) -> int:
         return sum(self._read_one(offset, dest) for offset, dest in batch)
 
     def _read_one(self, offset: int, dest: np.ndarray) -> int:
         n = dest.nbytes
-        if not self.direct_io or sys.platform == "darwin":
+        if not self._aligned_only:
             self._pread_full(dest, offset)
             return n
         if offset % DIRECT_ALIGN == 0 and dest.ctypes.data % DIRECT_ALIGN == 0:
