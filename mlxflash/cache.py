@@ -154,11 +154,9 @@ class NeuronCache(CacheIndex):
 
     def write_records(self, start: int, records: np.ndarray) -> None:
         """Split whole records (m, R) uint8 into the field matrices at rows start..start+m."""
-        m = len(records)
-        for f in self.layout.fields:
-            self.fields_np[f.name][start : start + m] = records[:, f.offset : f.offset + f.nbytes]
+        self.write_rows(slice(start, start + len(records)), records)
 
-    def write_rows(self, rows: np.ndarray, records: np.ndarray) -> None:
+    def write_rows(self, rows: np.ndarray | slice, records: np.ndarray) -> None:
         """Split whole records (m, R) uint8 into the field matrices at rows `rows` (any order)."""
         for f in self.layout.fields:
             self.fields_np[f.name][rows] = records[:, f.offset : f.offset + f.nbytes]
