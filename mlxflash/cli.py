@@ -8,9 +8,9 @@ import os
 import sys
 import traceback
 
-from .cpu import reexec_with_openblas
 from .errors import MlxflashError, UsageError
 from .options import add_model_options, model_options
+from .runtime.cpu import reexec_with_openblas
 
 
 def _add_generate(sub) -> None:
@@ -75,9 +75,9 @@ def format_stats(s: dict) -> str:
 
 
 def _generate(args) -> None:
-    from . import load
-    from .generate import check_prompt, encode_prompt, stream_generate
-    from .report import load_report
+    from .loader import load
+    from .runtime.report import load_report
+    from .serve.generate import check_prompt, encode_prompt, stream_generate
 
     _check_generate_args(args)
     model, tokenizer = load(args.model, **model_options(args))
@@ -109,15 +109,15 @@ def _generate(args) -> None:
 
 
 def _convert(args) -> None:
-    from .convert import convert
+    from .format.convert import convert
 
     out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size, dtype=args.dtype)
     print(f"wrote {out}")
 
 
 def _add_frontends(sub) -> None:
-    from .chat import add_chat
-    from .server import add_serve
+    from .serve.chat import add_chat
+    from .serve.server import add_serve
 
     add_serve(sub)
     add_chat(sub)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_convert(sub)
     _add_frontends(sub)
-    from .evaluate import add_eval_parser
+    from .eval.evaluate import add_eval_parser
 
     add_eval_parser(sub)
     args = parser.parse_args(argv)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-MODES = ("resident", "naive", "flash")
-SELECTORS = ("predictor", "gate", "all")
+from .runtime.planner import MODES, SELECTORS
+
 _LOAD_KEYS = ("mode", "memory", "selector", "window", "density", "gate_bits", "threads", "gap")
 
 

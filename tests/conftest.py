@@ -12,7 +12,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def default_bundle() -> Path:
     """The default model's bundle (SmolLM2-135M-Instruct, Q4_1), converted into models/ on first use."""
-    from mlxflash.default_model import default_model_path
+    from mlxflash.fetch.default_model import default_model_path
 
     return default_model_path()
 

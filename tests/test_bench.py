@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench  # noqa: E402
 import make_synthetic  # noqa: E402
 
-from mlxflash.bundle import Bundle  # noqa: E402
+from mlxflash.format.bundle import Bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxflash.bundle import RecordLayout
-from mlxflash.cache import NeuronCache, cached_masks, runs
+from mlxflash.format.bundle import RecordLayout
+from mlxflash.runtime.cache import NeuronCache, cached_masks, runs
 
 N, R = 40, 16
 LAYOUT = RecordLayout.build([("gate.weight", "uint8", 3), ("up.weight", "float32", 2), ("down.weight", "uint16", 1)])

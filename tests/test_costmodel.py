@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlxflash import costmodel as cm
+from mlxflash.runtime import costmodel as cm
 
 
 def flat_curve() -> cm.DiskCurve:
@@ -88,7 +88,7 @@ def test_tiny_probe_measures_something(tmp_path):
 
 
 def test_plan_window_with_trace_statistics():
-    from mlxflash import traces
+    from mlxflash.runtime import traces
 
     stats = traces.window_stats(traces.generate_trace([2048], tokens=40), max_window=6)
     curve = cm.REFERENCE_CURVE

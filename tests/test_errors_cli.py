@@ -174,6 +174,6 @@ def test_tools_repack_is_the_same_converter(hf, tmp_path):
         [sys.executable, str(script), str(hf), str(tmp_path / "b"), "--bits", "8"], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    assert mlxflash.bundle.Bundle.open(tmp_path / "b").spec.quantization["up"]["bits"] == 8
+    assert mlxflash.format.bundle.Bundle.open(tmp_path / "b").spec.quantization["up"]["bits"] == 8
     again = subprocess.run([sys.executable, str(script), str(hf), str(tmp_path / "b")], capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr

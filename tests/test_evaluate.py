@@ -14,7 +14,7 @@ from tiny import TINY
 
 from mlxflash.cli import main
 from mlxflash.errors import UsageError
-from mlxflash.evaluate import (
+from mlxflash.eval.evaluate import (
     ChoiceItem,
     ClozeItem,
     DataFormatError,
@@ -333,7 +333,7 @@ def test_compare_perplexity_on_default_model(tmp_path, default_bundle, shared_da
 
 def test_difference_of_lambada_runs_formats():
     """LAMBADA runs carry accuracy and last-word perplexity but no text NLL."""
-    from mlxflash.evaluate import difference, format_difference
+    from mlxflash.eval.evaluate import difference, format_difference
 
     base = {"accuracy": 0.4, "perplexity": 40.0, "correct": [1, 0, 1]}
     other = {"accuracy": 0.3, "perplexity": 80.0, "correct": [1, 0, 0]}

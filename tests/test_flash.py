@@ -15,12 +15,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from tiny import byte_tokenizer, make_hf_dir
 
 import mlxflash
-from mlxflash import opt
-from mlxflash.bundle import Bundle
-from mlxflash.convert import read_ffn_layer
+from mlxflash.arch import opt
 from mlxflash.errors import UsageError
-from mlxflash.planner import parse_memory
-from mlxflash.selectors import GateSelector, OracleSelector
+from mlxflash.format.bundle import Bundle
+from mlxflash.format.convert import read_ffn_layer
+from mlxflash.runtime.planner import parse_memory
+from mlxflash.runtime.selectors import GateSelector, OracleSelector
 
 TOKENS = [5, 17, 99, 3, 42, 7, 200, 11, 64, 9, 31, 77]
 
@@ -152,7 +152,7 @@ def test_last_prompt_token_is_computed_dense(bundles):
 def test_budget_share_is_of_the_weights_and_predictors_count_as_selector(bundles, tmp_path, shared_data):
     import shutil
 
-    from mlxflash.train import train_predictors
+    from mlxflash.runtime.train import train_predictors
 
     path = shutil.copytree(bundles["llama"], tmp_path / "b")
     train_predictors(path, shared_data / "tinyshakespeare.txt", tokens=512, density=0.5, epochs=1, context=128)
@@ -226,7 +226,7 @@ def test_cli_errors_for_budget_and_missing_predictors(bundles):
 def test_train_predictors_tiny(bundles, tmp_path, shared_data):
     import shutil
 
-    from mlxflash.train import train_predictors
+    from mlxflash.runtime.train import train_predictors
 
     path = shutil.copytree(bundles["llama"], tmp_path / "b")
     text = shared_data / "tinyshakespeare.txt"
@@ -245,7 +245,7 @@ def test_train_predictors_tiny(bundles, tmp_path, shared_data):
 def test_train_rejects_short_text_and_writes_nothing(bundles, tmp_path):
     import shutil
 
-    from mlxflash.train import train_predictors
+    from mlxflash.runtime.train import train_predictors
 
     path = shutil.copytree(bundles["llama"], tmp_path / "b")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
@@ -296,8 +296,8 @@ def test_default_model_answers_in_flash_mode_under_a_budget(default_bundle, shar
 def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, shared_data, monkeypatch):
     import shutil
 
-    from mlxflash.default_model import DEFAULT_TRAINING, ensure_default_predictors
     from mlxflash.errors import MlxflashError
+    from mlxflash.fetch.default_model import DEFAULT_TRAINING, ensure_default_predictors
 
     path = shutil.copytree(bundles["llama"], tmp_path / "b")
     short = tmp_path / "short.txt"
@@ -315,7 +315,7 @@ def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, sh
 def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_data):
     import shutil
 
-    from mlxflash.train import train_predictors
+    from mlxflash.runtime.train import train_predictors
 
     path = shutil.copytree(bundles["llama"], tmp_path / "b")
     reports = train_predictors(

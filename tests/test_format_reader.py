@@ -9,9 +9,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxflash.bundle import RecordLayout
-from mlxflash.ffn import pack_codes, transpose_packed, unpack_codes
-from mlxflash.reader import FlashReader, aligned_buffer
+from mlxflash.format.bundle import RecordLayout
+from mlxflash.runtime.ffn import pack_codes, transpose_packed, unpack_codes
+from mlxflash.runtime.reader import FlashReader, aligned_buffer
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float16": np.float16, "float32": np.float32}
 

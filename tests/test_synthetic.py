@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxflash.bundle import Bundle
+from mlxflash.format.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

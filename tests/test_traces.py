@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxflash import traces as T
+from mlxflash.runtime import traces as T
 
 
 @st.composite

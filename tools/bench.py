@@ -42,7 +42,7 @@ then resolved for the full-depth model and scaled per layer (embeddings, head an
 the prompt/streaming buffer, counted once), so per-layer numbers match the full model's, and a
 second table extrapolates every mode to the real depth (head once, per-layer costs scaled).
 
-Predicted I/O: the cost model (mlxflash.costmodel, the stored disk probe or the reference curve):
+Predicted I/O: the cost model (mlxflash.runtime.costmodel, the stored disk probe or the reference curve):
 naive and hybrid stream contiguous ranges, predicted at the probe's sequential figure; flash at the
 random-read curve for its mean read size and thread count. Read GB/s is bytes per token / I/O time.
 """
@@ -66,14 +66,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxflash import costmodel
-from mlxflash.bundle import Bundle, dtype_name, mx_dtype
-from mlxflash.ffn import ACTIVATIONS, transpose_packed
-from mlxflash.reader import FlashReader, aligned_buffer
+from mlxflash.format.bundle import Bundle, dtype_name, mx_dtype
+from mlxflash.runtime import costmodel
+from mlxflash.runtime.ffn import ACTIVATIONS, transpose_packed
+from mlxflash.runtime.reader import FlashReader, aligned_buffer
 
 BASELINES = ("naive", "hybrid", "mmap", "resident")
 # mode -> mlxflash.load options. window None: the runtime picks it from the budget; gap -1: no
-# coalescing, "auto": the cost model's read-through gap (mlxflash.costmodel.plan_io) in records.
+# coalescing, "auto": the cost model's read-through gap (mlxflash.runtime.costmodel.plan_io) in records.
 FLASH_MODES = {
     "flash-predictor": {"window": 0, "bundled": False, "gap": -1},
     "flash-window": {"window": None, "bundled": False, "gap": -1},
@@ -182,7 +182,7 @@ def machine(bundle: Bundle, curve: costmodel.DiskCurve, io_mode: str) -> dict:
     }
 
 
-# ---- FFN math on records (the operations of mlxflash.ffn.FFN.dense, on a neuron range) ----
+# ---- FFN math on records (the operations of mlxflash.runtime.ffn.FFN.dense, on a neuron range) ----
 
 
 class LayerMath:
@@ -422,7 +422,7 @@ def flash_options(options: dict, bundle: Bundle, curve, threads: int) -> dict:
     """The mode's options as the runtime's load_model takes them (refusing what it does not know)."""
     import inspect
 
-    from mlxflash.model import load_model
+    from mlxflash.runtime.model import load_model
 
     known = inspect.signature(load_model).parameters
     out = {}
@@ -442,7 +442,7 @@ class FlashDriver:
 
     def __init__(self, bundle: Bundle, budget: float, options: dict, trace, threads: int, curve):
         import mlxflash
-        from mlxflash.traces import TraceSelector
+        from mlxflash.runtime.traces import TraceSelector
 
         widths = [b.neurons for b in bundle.spec.layers]
         self.selector = TraceSelector(trace, num_layers=bundle.num_layers, width=widths)
@@ -595,7 +595,7 @@ def baseline_driver(mode: str, bundle: Bundle, resident: dict, budget: Budget, a
 
 
 def load_trace(spec: str, bundle: Bundle, args):
-    from mlxflash import traces
+    from mlxflash.runtime import traces
 
     if spec == "paper":
         widths = [b.neurons for b in bundle.spec.layers]
@@ -633,7 +633,7 @@ def run_mode(mode: str, args) -> ModeResult:
 
 
 def summarize(mode, driver, clocks, totals, attn, bundle, budget, args, disk0, disk1) -> ModeResult:
-    from mlxflash.stats import peak_rss_bytes
+    from mlxflash.runtime.stats import peak_rss_bytes
 
     def med(key):
         return statistics.median(getattr(c, key) for c in clocks)
@@ -732,7 +732,7 @@ def child_command(mode: str, args) -> list[str]:
 
 
 def run_child(mode: str, args, budget: Budget) -> ModeResult:
-    from mlxflash.costmodel import evict
+    from mlxflash.runtime.costmodel import evict
 
     evict(Path(args.bundle) / "ffn.bin")
     procs, how = None, ""
@@ -768,7 +768,7 @@ def skip_reason(mode: str, bundle: Bundle, budget: Budget) -> str | None:
     if mode == "resident" and budget.model_bytes > budget.budget:
         return f"does not fit the budget ({budget.model_bytes / GB:.2f} GB > {budget.budget / GB:.2f} GB)"
     if mode.startswith("flash"):
-        from mlxflash import model as runtime
+        from mlxflash.runtime import model as runtime
 
         if "flash" not in getattr(runtime, "MODES", ()):
             return "flash mode not in this runtime yet (issue 3); wired, skipped"
@@ -929,7 +929,7 @@ def plot(results: list[ModeResult], curve: costmodel.DiskCurve, path: Path) -> N
 
 def _openblas() -> None:
     try:
-        from mlxflash.cpu import reexec_with_openblas
+        from mlxflash.runtime.cpu import reexec_with_openblas
     except ImportError:
         return
     reexec_with_openblas()

@@ -5,7 +5,7 @@
 
 Writes a scratch file of real data (evicted from the page cache with posix_fadvise DONTNEED), then
 for each thread count and chunk size lets each thread loop over its own batch of random aligned
-reads (mlxflash.reader.FlashReader), median of --repeats timings of at least --min-seconds each.
+reads (mlxflash.runtime.reader.FlashReader), median of --repeats timings of at least --min-seconds each.
 Prints the table (GB/s) and the planner's choices derived from it.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlxflash import costmodel
+from mlxflash.runtime import costmodel
 
 
 def parse_size(text: str) -> int:

@@ -9,7 +9,7 @@ dimension with --hidden-size / --ffn-size / --heads / --vocab-size. --layers N k
 --bits quantizes the FFN (MLX affine, --group-size); resident weights stay in --dtype.
 --rank R (default 128; 0 = none) adds random low-rank predictors and selector
 {"kind": "predictor", ...}. Weights are generated layer by layer with a fixed --seed; the
-writer (mlxflash.convert.write_bundle) streams the FFN to disk.
+writer (mlxflash.format.convert.write_bundle) streams the FFN to disk.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxflash.convert import write_bundle
+from mlxflash.format.convert import write_bundle
 
 SHAPES = {
     "opt-6.7b": {"family": "opt", "d": 4096, "ffn": 16384, "layers": 32, "heads": 32, "vocab": 50272, "max_pos": 2048},
@@ -186,15 +186,15 @@ def ffn_layers(s: dict, layers: int, r: Rand, bits: int | None, group_size: int)
 def predictor_section(s: dict, layers: int, rank: int) -> dict:
     """The bundle's selector record. Random predictors select nothing meaningful, so the statistics the
     planner sizes the cache from (density, expected window union for k = 1..8) are those of the
-    paper-calibrated trace (mlxflash.traces.PAPER_PARAMS) that benchmarks replay."""
-    from mlxflash import traces
+    paper-calibrated trace (mlxflash.runtime.traces.PAPER_PARAMS) that benchmarks replay."""
+    from mlxflash.runtime import traces
 
     stats = traces.window_stats(traces.generate_trace([s["ffn"]], tokens=48), max_window=8)
     return {
         "kind": "predictor",
         "rank": [rank] * layers,
         "threshold": [0.5] * layers,
-        "predictor_threshold": [0.5] * layers,  # the key mlxflash.model reads
+        "predictor_threshold": [0.5] * layers,  # the key mlxflash.runtime.model reads
         "density": stats["density"],
         "window_union": stats["union_mean"],
         "source": "synthetic: random predictors; statistics of the paper-calibrated trace",

@@ -4,10 +4,10 @@
     python tools/record_trace.py BUNDLE --text FILE --out TRACE.npz [--selector gate|predictor]
                                  [--density D] [--tokens 200]
 
-The bundle is loaded in flash mode with its selector wrapped in `mlxflash.traces.RecordingSelector`,
+The bundle is loaded in flash mode with its selector wrapped in `mlxflash.runtime.traces.RecordingSelector`,
 and the first --tokens tokens of the text go through the model as one prompt with per-token
 selections (masked_prompts), so every token's selection at every layer is recorded. The trace
-(`mlxflash.traces.Trace`) replays on any bundle: `tools/bench.py BUNDLE --trace TRACE.npz`.
+(`mlxflash.runtime.traces.Trace`) replays on any bundle: `tools/bench.py BUNDLE --trace TRACE.npz`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxflash import traces
-from mlxflash.bundle import Bundle
-from mlxflash.model import load_model, make_selector
-from mlxflash.reader import FlashReader
+from mlxflash.format.bundle import Bundle
+from mlxflash.runtime import traces
+from mlxflash.runtime.model import load_model, make_selector
+from mlxflash.runtime.reader import FlashReader
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train a bundle's neuron predictors and calibrate its selectors (front end of mlxflash.train).
+"""Train a bundle's neuron predictors and calibrate its selectors (front end of mlxflash.runtime.train).
 
 python tools/train_predictors.py BUNDLE --text FILE [--rank R] [--tokens N] [--density D]
 """
@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlxflash.cpu import reexec_with_openblas
 from mlxflash.errors import MlxflashError
-from mlxflash.train import format_report, train_predictors
+from mlxflash.runtime.cpu import reexec_with_openblas
+from mlxflash.runtime.train import format_report, train_predictors
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .bundle import Bundle
-from .errors import UsageError
+from ..errors import UsageError
+from ..format.bundle import Bundle
 
 PREDICTOR_KEYS = ("a.weight", "b.weight", "b.bias")
 

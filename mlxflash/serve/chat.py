@@ -8,8 +8,11 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from .options import add_model_options, model_options
-from .session import Session
+from ..errors import UsageError
+from ..options import add_model_options, model_options
+from ..runtime.report import load_report
+from ..runtime.stats import current_rss_bytes, peak_rss_bytes
+from .session import Session, session
 
 HELP = "Type a message. /reset starts over, /stats shows figures, /quit leaves; Ctrl-C stops an answer."
 
@@ -78,8 +81,6 @@ class Chat:
         )
 
     def stats_text(self) -> str:
-        from .stats import current_rss_bytes, peak_rss_bytes
-
         rt, s = self.sess.model.flash, self.last
         lines = [
             f"mode {rt.mode}; kv cache: {len(self.sess.cache_tokens)} tokens; "
@@ -130,10 +131,6 @@ def loop(chat: Chat) -> None:
 
 
 def run_chat(args) -> None:
-    from .errors import UsageError
-    from .report import load_report
-    from .session import session
-
     if args.max_tokens < 1 or args.temp < 0 or not 0 <= args.top_p <= 1:
         raise UsageError("--max-tokens must be >= 1, --temp >= 0 and --top-p within [0, 1]")
     try:

@@ -23,9 +23,10 @@ import mlx.optimizers as optim
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import Bundle, update_resident
-from .errors import UsageError
+from ..errors import UsageError
+from ..format.bundle import Bundle, update_resident
 from .ffn import NaiveFFN
+from .model import load_model
 from .planner import MAX_WINDOW
 from .selectors import predictor_prefix
 
@@ -188,8 +189,6 @@ def train_predictors(
     target: str = "gate",
 ) -> list[LayerReport]:
     """Collect, train, calibrate, report and write the selector into the bundle; returns the report."""
-    from . import load
-
     if not 0 < density <= 1:
         raise UsageError(f"--density {density}: must be within (0, 1]")
     if target not in TARGETS:
@@ -199,7 +198,7 @@ def train_predictors(
     if selector == "gate" and not (spec.gated and spec.activation != "relu"):
         raise UsageError(f"{bundle_path}: --selector gate needs a gated (SwiGLU) FFN")
     rank = rank or default_rank(spec.hidden_size)
-    model, tokenizer = load(bundle_path, mode=mode, verify=False)
+    model, tokenizer = load_model(bundle_path, mode=mode, verify=False)
     ids = tokenize_text(tokenizer, Path(text), tokens)
     gated = spec.gated and spec.activation != "relu"
     t0 = time.perf_counter()

@@ -26,11 +26,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .reader import FlashReader, aligned_buffer
 
 DEFAULT_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxflash" / "disk_probe.json"
 GB = 1e9
@@ -240,8 +244,6 @@ def evict(path: str | os.PathLike) -> None:
 
 def _timed_reads(reader, size: int, chunk: int, n: int, dest: np.ndarray, rng: np.random.Generator) -> float:
     """Seconds for n random chunk-aligned reads of `chunk` bytes (slots of `dest` reused)."""
-    import time
-
     slots = dest.nbytes // chunk
     offsets = rng.integers(0, size // chunk, n) * chunk
     runs = [(int(o), dest[(i % slots) * chunk : (i % slots + 1) * chunk]) for i, o in enumerate(offsets)]
@@ -260,10 +262,6 @@ def calibrate_reads(reader, size: int, chunk: int, min_seconds: float, dest, rng
 
 def measure_sequential(path: Path, nbytes: int, threads: int) -> float:
     """GB/s of one contiguous direct read of `nbytes` (1 MiB requests shared by `threads`)."""
-    import time
-
-    from .reader import FlashReader, aligned_buffer
-
     reader = FlashReader(path, threads=threads)
     try:
         size = reader.size - reader.size % (1 << 20)
@@ -286,11 +284,6 @@ def probe(
     progress=None,
 ) -> DiskCurve:
     """Measure the curve on an existing (evicted) file. `progress(chunk, threads, gbps)` is called per cell."""
-    import platform
-    import time
-
-    from .reader import FlashReader, aligned_buffer
-
     path = Path(path)
     rng = np.random.default_rng(0)
     readers = [FlashReader(path, threads=t) for t in threads]

@@ -32,8 +32,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .errors import UsageError
-from .options import add_model_options, model_options
+from ..errors import UsageError
+from ..loader import load
+from ..options import add_model_options, model_options
+from ..runtime.report import load_report
 
 TASKS = ("hellaswag", "arc_easy", "piqa", "lambada")
 DATA_FILES = {
@@ -457,15 +459,11 @@ def run_once(model, tokenizer, request: EvalRequest, progress: bool = False) -> 
 
 def evaluate_mode(path, request: EvalRequest, mode: str | None, progress: bool = False, **load_kwargs) -> dict:
     """Load the bundle in a mode (flash: with per-position selections), evaluate, release."""
-    from . import load
-
     if mode == "flash" or (mode is None and load_kwargs.get("memory")):
         load_kwargs["masked_prompts"] = True
     load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
     model, tokenizer = load(path, mode=mode, **load_kwargs)
     if progress:  # where the bytes live and the flash plan, as generate prints them
-        from .report import load_report
-
         print(load_report(model), file=sys.stderr)
     try:
         out = {"mode": model.flash.mode, **_config(model, load_kwargs)}

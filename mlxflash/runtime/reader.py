@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .errors import BundleError
+from ..errors import BundleError
 
 DIRECT_ALIGN = 4096  # O_DIRECT needs offset, length and buffer aligned to the logical block size
 F_NOCACHE = 48  # macOS fcntl

@@ -54,7 +54,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import BundleError, ConvertError
+from ..errors import BundleError, ConvertError
 
 FORMAT_VERSION = 1
 ALIGNMENT = 16 * 1024

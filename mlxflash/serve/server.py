@@ -29,10 +29,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import UsageError
-from .options import add_model_options, model_options
-from .session import Session
-from .stats import current_rss_bytes, peak_rss_bytes
+from ..errors import UsageError
+from ..options import add_model_options, model_options
+from ..runtime.report import load_report
+from ..runtime.stats import current_rss_bytes, peak_rss_bytes
+from .generate import encode_prompt
+from .session import Session, session
 
 log = logging.getLogger("mlxflash.server")
 MAX_BODY = 1 << 20  # bytes of a request body
@@ -424,8 +426,6 @@ class Api:
         body = await read_json(request, self.max_body)
         model = self._check_model(body)
         prompt, params = parse_prompt(body), parse_params(body, chat=False)
-        from .generate import encode_prompt
-
         vocab = self.engine.session.model.flash.bundle.config.get("vocab_size")
         if isinstance(prompt, list) and vocab and max(prompt) >= vocab:
             raise _bad("prompt", f"has token ids beyond the vocabulary ({vocab})")
@@ -639,9 +639,6 @@ def serve(args) -> None:
     import sys
 
     import uvicorn
-
-    from .report import load_report
-    from .session import session
 
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port within 1..65535")

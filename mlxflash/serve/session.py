@@ -11,7 +11,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..loader import load
 from .generate import Response, encode_prompt, stream_generate
 
 
@@ -108,6 +109,4 @@ class Session:
 
 def session(path: str | Path | None = None, **load_kw) -> Session:
     """`mlxflash.load(path, **load_kw)` as a Session; `with mlxflash.session() as s:` closes it."""
-    from . import load
-
     return Session(*load(path, **load_kw))

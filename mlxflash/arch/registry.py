@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from mlx_lm.utils import _get_classes
 
+from . import opt
+
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = (*LLAMA_FAMILY, "opt")
 
@@ -11,7 +13,5 @@ SUPPORTED = (*LLAMA_FAMILY, "opt")
 def model_classes(config: dict):
     """(Model, ModelArgs) for a Hugging Face config: mlx-lm's classes; OPT is ours (mlx-lm has none)."""
     if config.get("model_type") == "opt":
-        from . import opt
-
         return opt.Model, opt.ModelArgs
     return _get_classes(config)

@@ -15,9 +15,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .bundle import Bundle
+from ..errors import UsageError
+from ..format.bundle import Bundle
 from .cache import staging_bytes
-from .errors import UsageError
+
+MODES = ("resident", "naive", "flash")
+SELECTORS = ("predictor", "gate", "all")
 
 _UNITS = {
     "": 1,

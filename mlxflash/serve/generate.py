@@ -12,7 +12,7 @@ from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 @dataclass

@@ -17,15 +17,16 @@ import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .architectures import SUPPORTED, model_classes
-from .bundle import Bundle
-from .convert import quant_params
+from ..arch.registry import SUPPORTED, model_classes
+from ..errors import BundleError, UsageError
+from ..format.bundle import Bundle
+from ..format.convert import quant_params
 from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
-from .errors import BundleError, UsageError
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
-from .options import MODES, SELECTORS
 from .planner import (
+    MODES,
+    SELECTORS,
     Plan,
     TooSmall,
     choose_mode,

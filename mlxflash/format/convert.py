@@ -23,11 +23,11 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from ..arch.registry import SUPPORTED, model_classes
+from ..errors import ConvertError
+from ..runtime.ffn import ACTIVATIONS, transpose_packed
 from . import gguf
-from .architectures import SUPPORTED, model_classes
 from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
-from .errors import ConvertError
-from .ffn import ACTIVATIONS, transpose_packed
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
