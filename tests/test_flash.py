@@ -158,10 +158,10 @@ def test_budget_share_is_of_the_weights_and_predictors_count_as_selector(bundles
     train_predictors(path, shared_data / "tinyshakespeare.txt", tokens=512, density=0.5, epochs=1, context=128)
     bundle = Bundle.open(path)
     assert 0 < bundle.predictor_bytes < bundle.resident_bytes
-    model, _ = mlxflash.load(path, mode="flash", selector="predictor", memory="150%")  # a tiny model's I/O buffers
-    plan = model.flash.plan  # weigh as much as its cache: a share below 100% would not fit
+    model, _ = mlxflash.load(path, mode="flash", selector="predictor", memory="300%")  # a tiny model's I/O buffers
+    plan = model.flash.plan  # weigh as much as its cache (and the predictor may pick ~90%): below 100% would not fit
     assert plan.model_bytes == bundle.resident_bytes - bundle.predictor_bytes + bundle.spec.ffn_bytes
-    assert plan.budget == int(1.5 * plan.model_bytes)
+    assert plan.budget == int(3.0 * plan.model_bytes)
     assert plan.selector_bytes == bundle.predictor_bytes and plan.planned_bytes <= plan.budget
 
 
