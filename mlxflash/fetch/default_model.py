@@ -27,7 +27,7 @@ def models_dir() -> Path:
     """$MLXFLASH_MODELS, else the checkout's models/ (editable install), else ~/.cache/mlxflash/models."""
     if os.environ.get("MLXFLASH_MODELS"):
         return Path(os.environ["MLXFLASH_MODELS"])
-    checkout = Path(__file__).resolve().parents[1] / "models"
+    checkout = Path(__file__).resolve().parents[2] / "models"
     if (checkout / "README.md").is_file():
         return checkout
     return Path.home() / ".cache" / "mlxflash" / "models"
@@ -72,7 +72,7 @@ def training_text() -> Path | None:
     shared evaluation data (../shared/data), where present."""
     if os.environ.get("MLXFLASH_TRAIN_TEXT"):
         return Path(os.environ["MLXFLASH_TRAIN_TEXT"])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / TRAIN_TEXT
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / TRAIN_TEXT
     return shared if shared.is_file() else None
 
 
