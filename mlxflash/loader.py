@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .fetch.default_model import default_model_path, ensure_default_predictors
 from .format.bundle import Bundle
+from .format.moe import is_moe_bundle
 from .runtime.model import load_model
+from .runtime.moe import load_moe_model
 from .runtime.planner import choose_mode
 
 
@@ -25,6 +27,8 @@ def load(path: str | Path | None = None, mode: str | None = None, memory: str | 
         path = default_model_path()
         if kwargs.get("selector") in (None, "predictor", "gate") and _flash_wanted(path, mode, memory):
             ensure_default_predictors(path)
+    if is_moe_bundle(path):  # mixture of experts: the routed experts stream (runtime/moe.py)
+        return load_moe_model(path, mode=mode, memory=memory, **kwargs)
     return load_model(path, mode=mode, memory=memory, **kwargs)
 
 
