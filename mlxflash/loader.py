@@ -12,7 +12,9 @@ from .fetch.hub import hub_model_path, is_hub_name
 from .fetch.staging import models_dir
 from .fetch.wheels import fetch_model
 from .format.bundle import Bundle
+from .format.moe import is_moe_bundle
 from .runtime.model import load_model
+from .runtime.moe import load_moe_model
 from .runtime.planner import choose_mode
 
 
@@ -32,6 +34,8 @@ def load(path: str | Path | None = None, mode: str | None = None, memory: str | 
     path = resolve_model(path)
     if default and kwargs.get("selector") in (None, "predictor", "gate") and _flash_wanted(path, mode, memory):
         ensure_default_predictors(path)
+    if is_moe_bundle(path):  # mixture of experts: the routed experts stream (runtime/moe.py)
+        return load_moe_model(path, mode=mode, memory=memory, **kwargs)
     return load_model(path, mode=mode, memory=memory, **kwargs)
 
 

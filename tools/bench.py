@@ -954,6 +954,12 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlxflash.format.moe import is_moe_bundle
+
+    if any(is_moe_bundle(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")):
+        import bench_moe  # mixture-of-experts bundles: naive, mmap and flash with the expert cache
+
+        return bench_moe.main(argv)
     args = parse_args(argv)
     if args.child:
         r = run_mode(args.child, args)

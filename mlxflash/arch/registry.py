@@ -7,7 +7,8 @@ from mlx_lm.utils import _get_classes
 from . import opt
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED = (*LLAMA_FAMILY, "opt")
+MOE_FAMILY = ("qwen3_moe", "qwen2_moe", "mixtral")  # routed experts are mlx-lm's SwitchGLU (format/moe.py)
+SUPPORTED = (*LLAMA_FAMILY, "opt", *MOE_FAMILY)
 
 
 def model_classes(config: dict):

@@ -322,10 +322,16 @@ class Bundle:
             raise BundleError(f"{config_path}: not valid JSON ({e})") from e
         if "flash" not in config:
             raise BundleError(f"{config_path}: no 'flash' section (not a flash bundle)")
-        spec = FFNSpec.from_json(config["flash"], str(config_path))
+        spec = cls._parse_spec(config["flash"], str(config_path))
         bundle = cls(path, config, spec)
         bundle._check_files(verify)
         return bundle
+
+    @classmethod
+    def _parse_spec(cls, flash: dict, where: str) -> FFNSpec:
+        if flash.get("kind") == "moe":  # format/moe.py's MoEBundle opens these
+            raise BundleError(f"{where}: a mixture-of-experts bundle; open it with mlxflash.load (MoEBundle)")
+        return FFNSpec.from_json(flash, where)
 
     def _check_files(self, verify: bool) -> None:
         for name, meta in self.spec.files.items():

@@ -23,11 +23,12 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from ..arch.registry import SUPPORTED, model_classes
+from ..arch.registry import MOE_FAMILY, SUPPORTED, model_classes
 from ..errors import ConvertError
 from ..runtime.ffn import ACTIVATIONS, transpose_packed
 from . import gguf
 from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
+from .moe import MoEArch, expert_tensors, moe_arch, write_moe_bundle
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
@@ -107,6 +108,7 @@ def quant_params(qcfg: dict, module: str) -> dict:
 def _check_architecture(config: dict, where: Path) -> nn.Module:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
+        _refuse_moe(config, where)
         raise ConvertError(
             f"{where}: unsupported architecture model_type={model_type!r} (supported: {', '.join(SUPPORTED)})"
         )
@@ -120,6 +122,26 @@ def _check_architecture(config: dict, where: Path) -> nn.Module:
         return model_class(args_class.from_dict(config))
     except ValueError as e:
         raise ConvertError(f"{where}: {e}") from e  # lazy: parameters are never materialized
+
+
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _refuse_moe(config: dict, where: Path) -> None:
+    """An MoE model type outside the registry: say why its experts cannot stream (their layout), if
+    mlx-lm has the architecture."""
+    if not any(isinstance(config.get(k), int) and config[k] > 0 for k in MOE_KEYS):
+        return
+    try:
+        model_class, args_class = model_classes(config)
+        model = model_class(args_class.from_dict(config))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return  # mlx-lm has no such model: the plain "unsupported architecture" message says it
+    moe_arch(model, config, where)  # raises with the reason for a layout the streaming experts cannot run
+    raise ConvertError(
+        f"{where}: model_type={config['model_type']!r} has SwitchGLU experts but is not in the MoE registry "
+        f"(supported: {', '.join(MOE_FAMILY)})"
+    )
 
 
 def _quantize_resident(model: nn.Module, weights: dict, qcfg: dict) -> dict:
@@ -288,6 +310,9 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
         raise ConvertError(f"{src.path}: already quantized ({qcfg['bits']}-bit); --bits applies to float sources only")
     if bits:
         qcfg = config["quantization"] = {"group_size": group_size, "bits": bits}
+    arch = moe_arch(model, config, src.path) if config["model_type"] in MOE_FAMILY else None
+    if arch is not None:
+        return _convert_moe(src, out, model, arch, config, weights, bits, group_size, cast)
     resident = {k: v for k, v in weights.items() if ".mlp." not in k}
     if cast is not None:
         resident = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in resident.items()}
@@ -295,6 +320,19 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
         resident = _quantize_resident(model, resident, qcfg)
     ffn = (_ffn_tensors(weights, config, i, qcfg, bits is not None, cast) for i in range(config["num_hidden_layers"]))
     return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress)
+
+
+def _convert_moe(src: Source, out: Path, model, arch: MoEArch, config, weights, bits, group_size, cast) -> Path:
+    """Routed experts to ffn.bin (one record per expert); everything else, router and shared experts
+    included, resident."""
+    resident = {k: v for k, v in weights.items() if f".{arch.module}." not in k}
+    if cast is not None:
+        resident = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in resident.items()}
+    if bits:
+        resident = _quantize_resident(model, resident, config["quantization"])
+    quant = {"group_size": group_size, "bits": bits} if bits else None
+    experts = (expert_tensors(weights, arch, layer, quant, cast) for layer in arch.layers)
+    return write_moe_bundle(out, config, arch, resident, experts, tokenizer_dir=src.tokenizer_dir)
 
 
 def read_ffn_layer(bundle, layer: int) -> dict[str, tuple]:
