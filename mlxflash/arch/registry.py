@@ -50,10 +50,6 @@ class Architecture:
     text_model: str | None = None  # a multimodal wrapper converted as its text model (gemma3)
     module: str | None = None  # mlx_lm.models.<module>, if model_type is not its name
 
-    @property
-    def gated(self) -> bool:
-        return "gate_proj" in self.matrices or self.fused_gate_up is not None
-
     def classes(self, config: dict) -> tuple[type[nn.Module], type]:
         """(Model, ModelArgs): mlx-lm's, or the project's own OPT (mlx-lm has none)."""
         if self.model_type == "opt":
