@@ -162,7 +162,8 @@ def test_budget_share_is_of_the_weights_and_predictors_count_as_selector(bundles
     plan = model.flash.plan  # weigh as much as its cache (and the predictor may pick ~90%): below 100% would not fit
     assert plan.model_bytes == bundle.resident_bytes - bundle.predictor_bytes + bundle.spec.ffn_bytes
     assert plan.budget == int(3.0 * plan.model_bytes)
-    assert plan.selector_bytes == bundle.predictor_bytes and plan.planned_bytes <= plan.budget
+    # the predictors are stored as float16 and held in the compute dtype (float32 on the CPU): twice that
+    assert plan.selector_bytes == bundle.predictor_bytes * 2 and plan.planned_bytes <= plan.budget
 
 
 def test_window_zero_reloads_every_neuron(bundles):

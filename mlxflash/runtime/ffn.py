@@ -15,13 +15,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..arch import registry
+from ..errors import BundleError
 from ..format.bundle import FFNSpec
 from .cache import NeuronCache, cached_masks, timed_update
 from .cpu import quantized_matmul
+from .dtypes import cast_floats, compute_dtype
 from .reader import FlashReader
 from .stats import RuntimeStats
 
-ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu}
+# The bundle's `activation` -> the function mlx-lm's MLPs apply for it (gelu_tanh: gemma2/3's nn.gelu_approx).
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx, "gelu": nn.gelu, "relu": nn.relu}
+assert tuple(ACTIVATIONS) == registry.ACTIVATIONS  # the converter records only what is computed here
 
 
 def _stream_positions(bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +89,8 @@ class FFN(nn.Module):
     """One layer's FFN; subclasses decide where the records come from.
 
     Its parameters are the resident pieces only: the down projection's group scales (quantized
-    bundles) and the biases (FFNs with biases). The records themselves never are parameters.
+    bundles) and the biases (FFNs with biases). The records themselves never are parameters. Math runs
+    in `compute_dtype` (float32 on the CPU): float fields of records are converted as they are used.
     """
 
     def __init__(self, layer: int, spec: FFNSpec, stats: RuntimeStats, biases: bool = False):
@@ -92,9 +98,11 @@ class FFN(nn.Module):
         self._layer = layer
         self._spec = spec
         self._stats = stats
+        if spec.activation not in ACTIVATIONS:
+            raise BundleError(f"flash.activation {spec.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
         self._act = ACTIVATIONS[spec.activation]
         n, d = spec.layers[layer].neurons, spec.hidden_size
-        dtype = getattr(mx, spec.dtype)
+        self.compute_dtype = dtype = compute_dtype(spec.dtype)
         if spec.quantization:
             groups = n // spec.quantization["down"]["group_size"]
             self.down_scales = mx.zeros((d, groups), dtype=dtype)
@@ -106,7 +114,7 @@ class FFN(nn.Module):
     def dense_weights(self, records: mx.array) -> dict[str, mx.array]:
         """All of a layer's records, in neuron order -> the weights `dense` multiplies with."""
         layout, q = self._spec.record, self._spec.quantization
-        w = {name: layout.view(records, name) for name in layout.names()}
+        w = cast_floats({name: layout.view(records, name) for name in layout.names()}, self.compute_dtype)
         if q:
             w["down.weight"] = transpose_packed(w["down.weight"], q["down"]["bits"])
         return w
@@ -165,6 +173,7 @@ class FFN(nn.Module):
     def sparse(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
         """x: (..., d) through the neurons `ids` whose record fields are `w` ({name: (n, count)}), in any order."""
         q = self._spec.quantization
+        w = cast_floats(w, self.compute_dtype)  # the selected rows only (weights, or group scales)
         h = self._hidden(x, w, self.up_bias[ids] if "up_bias" in self else None)  # (..., n)
         if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
             group = ids // q["down"]["group_size"]

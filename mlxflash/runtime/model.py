@@ -17,12 +17,13 @@ import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from ..arch.registry import SUPPORTED, model_classes
+from ..arch.registry import architecture
 from ..errors import BundleError, UsageError
-from ..format.bundle import Bundle
+from ..format.bundle import Bundle, dtype_name
 from ..format.convert import quant_params
 from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
+from .dtypes import cast_floats, compute_dtype
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .planner import (
     MODES,
@@ -88,6 +89,7 @@ class FlashRuntime:
     options: FlashOptions | None = None
     selector: Selector | None = None
     ffns: list = field(default_factory=list)
+    compute_dtype: str = "float32"  # what the math runs in (float32 on the CPU, the bundle's dtype on Metal)
 
     @property
     def ffn_bytes(self) -> int:
@@ -100,7 +102,15 @@ class FlashRuntime:
     def token_stats(self) -> TokenStats:
         r = self.reader
         neurons = sum(b.neurons for b in self.bundle.spec.layers)
-        return TokenStats(self.mode, self.ffn_bytes, self.resident_bytes, r.direct_io, r.io_note, neurons)
+        return TokenStats(
+            self.mode,
+            self.ffn_bytes,
+            self.resident_bytes,
+            r.direct_io,
+            r.io_note,
+            neurons,
+            compute_dtype=self.compute_dtype,
+        )
 
     def live(self) -> dict:
         """Figures that change as the model runs (cache contents) and the plan's."""
@@ -167,11 +177,12 @@ def load_model(
     overhead = current_rss_bytes()  # the runtime itself: Python, MLX, mlx-lm, the tokenizer
     mode, budget = choose_mode(bundle, mode, memory)
     config = bundle.config
-    if config.get("model_type") not in SUPPORTED:
+    arch = architecture(config)
+    if arch is None:
         raise BundleError(
             f"{bundle.path}/config.json: unsupported architecture model_type={config.get('model_type')!r}"
         )
-    model_class, args_class = model_classes(config)
+    model_class, args_class = arch.classes(config)
     model = model_class(args_class.from_dict(config))
     io_plan = plan_io(DiskCurve.load_or_default(), bundle.spec.record.nbytes)
     reader = FlashReader(bundle.ffn_path, threads=threads or io_plan.threads)
@@ -181,11 +192,13 @@ def load_model(
         page = DIRECT_ALIGN // bundle.spec.record.nbytes - 1 if reader.direct_io else 0
         gap = max(0, page, io_plan.gap_bytes // bundle.spec.record.nbytes)
     stats = RuntimeStats(io=reader.counters)
-    weights = bundle.resident_weights()
+    dtype = compute_dtype(bundle.spec.dtype)  # CPU: float32, converted once here (float16 math is ~45x slower)
+    weights = cast_floats(bundle.resident_weights(), dtype)
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
     plan = Plan(mode, budget, model_bytes(bundle), resident_weights_bytes(bundle), 0, 0)
     runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan)
+    runtime.compute_dtype = dtype_name(dtype)
     if mode == "flash":
         runtime.selector, plan = _plan_flash(bundle, reader, weights, selector, budget, window, density, gate_bits)
         runtime.plan = plan
@@ -225,6 +238,10 @@ def load_model(
 
 
 def _load_resident(model: nn.Module, bundle: Bundle, weights: dict) -> None:
+    """The resident weights (already in the compute dtype) into the model, as mlx-lm's loader does:
+    sanitized by the model class (gemma3 decides there whether its head is tied), then quantized modules."""
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(dict(weights))
     qcfg = bundle.config.get("quantization")
     if qcfg:
         nn.quantize(
