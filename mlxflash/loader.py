@@ -8,7 +8,7 @@ from pathlib import Path
 from .fetch.default_model import default_model_path, ensure_default_predictors
 from .format.bundle import Bundle
 from .runtime.model import load_model
-from .runtime.planner import choose_mode
+from .runtime.planner import Budget, choose_mode
 
 
 def load(path: str | Path | None = None, mode: str | None = None, memory: str | int | None = None, **kwargs):
@@ -23,12 +23,7 @@ def load(path: str | Path | None = None, mode: str | None = None, memory: str | 
     """
     if path is None:
         path = default_model_path()
-        if kwargs.get("selector") in (None, "predictor", "gate") and _flash_wanted(path, mode, memory):
+        memory = Budget.of(Bundle.open(path, verify=False), memory)  # parsed once: load_model takes it as it is
+        if kwargs.get("selector") in (None, "predictor", "gate") and choose_mode(memory, mode) == "flash":
             ensure_default_predictors(path)
     return load_model(path, mode=mode, memory=memory, **kwargs)
-
-
-def _flash_wanted(path: Path, mode: str | None, memory) -> bool:
-    return mode == "flash" or (
-        mode is None and memory is not None and choose_mode(Bundle.open(path, verify=False), None, memory)[0] == "flash"
-    )

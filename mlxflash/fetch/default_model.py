@@ -27,7 +27,7 @@ def models_dir() -> Path:
     """$MLXFLASH_MODELS, else the checkout's models/ (editable install), else ~/.cache/mlxflash/models."""
     if os.environ.get("MLXFLASH_MODELS"):
         return Path(os.environ["MLXFLASH_MODELS"])
-    checkout = Path(__file__).resolve().parents[1] / "models"
+    checkout = Path(__file__).resolve().parents[2] / "models"
     if (checkout / "README.md").is_file():
         return checkout
     return Path.home() / ".cache" / "mlxflash" / "models"
@@ -72,13 +72,13 @@ def training_text() -> Path | None:
     shared evaluation data (../shared/data), where present."""
     if os.environ.get("MLXFLASH_TRAIN_TEXT"):
         return Path(os.environ["MLXFLASH_TRAIN_TEXT"])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / TRAIN_TEXT
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / TRAIN_TEXT
     return shared if shared.is_file() else None
 
 
 def ensure_default_predictors(path: Path) -> None:
     """Flash mode on the default model needs its predictors: train them once, on first use."""
-    if (Bundle.open(path, verify=False).spec.selector or {}).get("kind"):
+    if Bundle.open(path, verify=False).spec.selector is not None:
         return
     text = training_text()
     if text is None:

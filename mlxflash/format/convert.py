@@ -23,11 +23,12 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from ..arch.activations import ACTIVATIONS
 from ..arch.registry import SUPPORTED, model_classes
 from ..errors import ConvertError
-from ..runtime.ffn import ACTIVATIONS, transpose_packed
 from . import gguf
-from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
+from .bundle import BundleWriter, FFNSpec, RecordLayout, SelectorRecord, dtype_name, record_parts, to_numpy_bytes
+from .quant import quant_params, transpose_packed
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
@@ -94,14 +95,6 @@ def _hf_source(path: Path) -> Source:
             f"{path}/config.json: quantization_config {config['quantization_config'].get('quant_method')!r} is not MLX's; use float or mlx-lm weights"
         )
     return Source(path, config, weights, path)
-
-
-def quant_params(qcfg: dict, module: str) -> dict:
-    """mlx-lm's quantization config: per-module overrides, else the defaults."""
-    own = qcfg.get(module)
-    if isinstance(own, dict):
-        return {"group_size": own["group_size"], "bits": own["bits"]}
-    return {"group_size": qcfg["group_size"], "bits": qcfg["bits"]}
 
 
 def _check_architecture(config: dict, where: Path) -> nn.Module:
@@ -203,7 +196,7 @@ def write_bundle(
     config: dict,
     resident: dict[str, mx.array],
     ffn_layers: Iterable[dict[str, tuple]],
-    selector: dict | None = None,
+    selector: SelectorRecord | None = None,
     tokenizer_dir: Path | None = None,
     progress: bool = True,
 ) -> Path:

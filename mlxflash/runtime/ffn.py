@@ -15,37 +15,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..arch.activations import ACTIVATIONS
 from ..format.bundle import FFNSpec
+from ..format.quant import transpose_packed, unpack_codes
 from .cache import NeuronCache, cached_masks, timed_update
 from .cpu import quantized_matmul
 from .reader import FlashReader
 from .stats import RuntimeStats
-
-ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu}
-
-
-def unpack_codes(packed: mx.array, bits: int) -> mx.array:
-    """(n, k*32/bits... packed) uint32 -> (n, k) uint32 codes, little end first as MLX packs."""
-    per = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (n, k/per, per)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-
-
-def pack_codes(codes: mx.array, bits: int) -> mx.array:
-    """Inverse of unpack_codes along the last axis."""
-    per = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    return (grouped << shifts).sum(axis=-1).astype(mx.uint32)
-
-
-def transpose_packed(packed: mx.array, bits: int) -> mx.array:
-    """Transpose a matrix of packed codes: (a, b*bits/32) -> (b, a*bits/32). Lossless.
-
-    Turns MLX's packed down matrix (d, n) into per-neuron columns (n, d) and back.
-    """
-    return pack_codes(unpack_codes(packed, bits).T, bits)
 
 
 def _qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, q: dict) -> mx.array:
