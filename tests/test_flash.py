@@ -234,8 +234,8 @@ def test_train_predictors_tiny(bundles, tmp_path, shared_data):
     reports = train_predictors(path, text, tokens=1024, density=0.5, epochs=4, context=128)
     assert len(reports) == 2 and all(r.recall > 0.6 for r in reports)
     selector = Bundle.open(path).spec.selector
-    assert selector["kind"] == "predictor" and len(selector["predictor_threshold"]) == 2
-    assert len(selector["stats"]["gate"]["window_union"]) == 8
+    assert selector.kind == "predictor" and len(selector.predictor_threshold) == 2
+    assert len(selector.stats_for("gate").window_union) == 8
     model, tok = mlxflash.load(path, mode="flash")  # the bundle's own selector: the trained predictor
     stats = list(mlxflash.stream_generate(model, tok, "ROMEO:", max_tokens=6))[-1].stats
     assert 0 < stats["selected_density"] < 1
@@ -310,7 +310,7 @@ def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, sh
     monkeypatch.setenv("MLXFLASH_TRAIN_TEXT", str(shared_data / "tinyshakespeare.txt"))
     ensure_default_predictors(path)
     selector = Bundle.open(path).spec.selector
-    assert selector["kind"] == DEFAULT_TRAINING["selector"] and selector["gate_bits"] == DEFAULT_TRAINING["gate_bits"]
+    assert selector.kind == DEFAULT_TRAINING["selector"] and selector.gate_bits == DEFAULT_TRAINING["gate_bits"]
 
 
 def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_data):
@@ -324,4 +324,4 @@ def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_dat
     )
     assert all(abs(r.target_density - 0.5) < 0.05 for r in reports)  # the largest |h|, half of the neurons
     selector = Bundle.open(path).spec.selector
-    assert selector["target"] == "activation" and len(selector["gate_threshold"]) == 2
+    assert selector.target == "activation" and len(selector.gate_threshold) == 2

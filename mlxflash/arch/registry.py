@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
 from . import opt
+from .activations import ACTIVATIONS  # noqa: F401  (the names the converter may record)
 
 # Config spellings (Hugging Face's ACT2FN names, mlx-lm's function names) -> the bundle's activation.
 ACTIVATION_NAMES = {
@@ -28,8 +29,6 @@ ACTIVATION_NAMES = {
     "gelu": "gelu",
     "relu": "relu",
 }
-# The bundle's activations; runtime/ffn.py computes exactly these.
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 GATED = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 
 

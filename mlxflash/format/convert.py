@@ -33,10 +33,10 @@ from ..arch.registry import (
     resolve_activation,
 )
 from ..errors import ConvertError
-from ..runtime.ffn import transpose_packed
 from . import gguf, gguf_tokenizer
-from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
+from .bundle import BundleWriter, FFNSpec, RecordLayout, SelectorRecord, dtype_name, record_parts, to_numpy_bytes
 from .moe import MoEArch, expert_tensors, moe_arch, write_moe_bundle
+from .quant import quant_params, transpose_packed
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
@@ -111,14 +111,6 @@ def _hf_source(path: Path) -> Source:
     if mode != "affine":
         raise ConvertError(f"{path}/config.json: quantization mode {mode!r} is not supported (expected 'affine')")
     return Source(path, config, weights, path)
-
-
-def quant_params(qcfg: dict, module: str) -> dict:
-    """mlx-lm's quantization config: per-module overrides, else the defaults."""
-    own = qcfg.get(module)
-    if isinstance(own, dict):
-        return {"group_size": own["group_size"], "bits": own["bits"]}
-    return {"group_size": qcfg["group_size"], "bits": qcfg["bits"]}
 
 
 def _check_architecture(config: dict, where: Path) -> Architecture:
@@ -275,7 +267,7 @@ def write_bundle(
     config: dict,
     resident: dict[str, mx.array],
     ffn_layers: Iterable[dict[str, tuple]],
-    selector: dict | None = None,
+    selector: SelectorRecord | None = None,
     tokenizer_dir: Path | None = None,
     progress: bool = True,
 ) -> Path:

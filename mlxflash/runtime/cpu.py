@@ -19,14 +19,6 @@ MANY_ROWS = 8  # from here on, dequantize + BLAS beats the CPU quantized kernel
 SLICE_ROWS = 4096
 
 
-def blas_in_use() -> str:
-    if sys.platform == "darwin":
-        return "Accelerate"
-    return (
-        "OpenBLAS (preloaded)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "reference BLAS (MLX's CPU wheel)"
-    )
-
-
 def reexec_with_openblas() -> None:
     """Restart this process with OpenBLAS preloaded, once, where it is installed (Linux)."""
     if sys.platform != "linux" or os.environ.get("MLXFLASH_BLAS") == "reference":
