@@ -246,6 +246,8 @@ def test_half_bundle_computes_in_float32_on_cpu(half_bundles, stored):
         layer = model.model.layers[0]
         assert layer.self_attn.q_proj.weight.dtype == mx.float32
         assert layer.mlp(mx.random.normal((1, 1, 64))).dtype == mx.float32  # records converted as read
+    for block in resident.model.layers:  # converted once at load, not at every product
+        assert all(v.dtype in (mx.float32, mx.uint32) for v in block.mlp._w.values())
     half = decode_logits(resident)
     assert half.dtype == np.float32
     np.testing.assert_allclose(decode_logits(flash), half, atol=1e-5, rtol=1e-5)
