@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..arch.registry import SUPPORTED, model_classes
 from ..errors import ConvertError
 from ..runtime.ffn import ACTIVATIONS, transpose_packed
-from . import gguf
+from . import gguf, gguf_tokenizer
 from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
@@ -38,11 +38,12 @@ class Source:
     config: dict  # Hugging Face style, "quantization" (mlx-lm style) included when quantized
     weights: dict[str, mx.array]  # mlx-lm parameter names
     tokenizer_dir: Path
+    bits_applied: bool = False  # a quantized GGUF took `bits` as the target of its requantized types
 
 
-def open_source(path: Path, workdir: Path) -> Source:
+def open_source(path: Path, workdir: Path, bits: int | None = None, dtype: str | None = None) -> Source:
     if path.is_file() and path.suffix == ".gguf":
-        return _gguf_source(path, workdir)
+        return _gguf_source(path, workdir, bits, dtype)
     if path.is_dir() and (path / "config.json").is_file():
         return _hf_source(path)
     if not path.exists():
@@ -50,23 +51,27 @@ def open_source(path: Path, workdir: Path) -> Source:
     raise ConvertError(f"{path}: not a .gguf file nor a model directory with config.json")
 
 
-def _gguf_source(path: Path, workdir: Path) -> Source:
-    tensors, md = gguf.read_gguf(path)
-    config = gguf.hf_config(md, tensors, path)
+def _gguf_source(path: Path, workdir: Path, bits: int | None, dtype: str | None) -> Source:
+    # Scales and biases in float16 unless float32 is asked for (then K-quants map bit-exactly).
+    g = gguf.load_gguf(path, bits, np.float32 if dtype == "float32" else np.float16)
+    for line in gguf.describe(g.report):
+        print(f"{path.name}: {line}")
+    config = gguf.hf_config(g.metadata, g.tensors, path)
+    arch = g.metadata["general.architecture"]
     weights = {}
-    for name, value in tensors.items():
-        new = gguf.mlx_lm_name(name)
+    for name, value in g.tensors.items():
+        new = gguf.mlx_lm_name(name, arch)
         if new is not None:
             weights[new] = value
     qcfg = _infer_gguf_quantization(weights)
     if qcfg:
         config["quantization"] = qcfg
-    gguf.write_tokenizer(md, workdir, path)
-    return Source(path, config, weights, workdir)
+    gguf_tokenizer.write_tokenizer(g.metadata, workdir, path)
+    return Source(path, config, weights, workdir, bits_applied=g.quantized)
 
 
 def _infer_gguf_quantization(weights: dict[str, mx.array]) -> dict | None:
-    """mx.load gives every quantized GGUF tensor group size 32; bits follow from the shapes."""
+    """Every quantized GGUF tensor comes in groups of 32; bits follow from the shapes."""
     per_module = {}
     for name, scales in weights.items():
         if name.endswith(".scales"):
@@ -274,7 +279,8 @@ def convert(
         raise ConvertError(f"--dtype {dtype}: expected float16, bfloat16 or float32")
     workdir = Path(tempfile.mkdtemp(prefix="mlxflash-convert-"))
     try:
-        return _convert(open_source(source, workdir), out, bits, group_size, cast, progress)
+        src = open_source(source, workdir, bits, dtype)
+        return _convert(src, out, None if src.bits_applied else bits, group_size, cast, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
