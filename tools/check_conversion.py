@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
+from transformers.utils import logging as hf_logging
 
 import mlxflash
 from mlxflash.arch.registry import model_classes
@@ -102,7 +103,13 @@ def check(gguf_path: Path, bundle: Path, text: str, tokens: int, context: int) -
         sum_diff += diff.mean().item() * diff.shape[0]
         agree += same.sum().item()
         count += diff.shape[0]
-        print(f"window {w + 1}/{windows}: max |logit diff| so far {max_diff:.4f}", file=sys.stderr, flush=True)
+        ppl_b, ppl_r = (float(np.exp(mx.concatenate(n).mean().item())) for n in (nll_b, nll_r))
+        print(
+            f"window {w + 1}/{windows}: perplexity so far bundle {ppl_b:.4f} reference {ppl_r:.4f}, "
+            f"max |logit diff| {max_diff:.4f} ({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     flash_model.flash.close()
     ppl_b = float(np.exp(mx.concatenate(nll_b).mean().item()))
     ppl_r = float(np.exp(mx.concatenate(nll_r).mean().item()))
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
+    hf_logging.set_verbosity_error()  # the tokenizer's "longer than the maximum length" note: we cut windows
     result = check(args.gguf, args.bundle, args.text.read_text(encoding="utf-8"), args.tokens, args.context)
     print(table(result))
     if args.json:
