@@ -42,7 +42,7 @@ def training_text() -> Path | None:
 
 def ensure_default_predictors(path: Path) -> None:
     """Flash mode on the default model needs its predictors: train them once, on first use."""
-    if (Bundle.open(path, verify=False).spec.selector or {}).get("kind"):
+    if Bundle.open(path, verify=False).spec.selector is not None:
         return
     text = training_text()
     if text is None:
