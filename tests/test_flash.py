@@ -314,6 +314,25 @@ def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, sh
     assert len(selector.gate_threshold) == 2 and selector.gate_density == DEFAULT_TRAINING["density"]
 
 
+def test_first_use_training_is_skipped_once_a_selector_is_recorded(bundles, tmp_path, monkeypatch):
+    """A bundle whose config records a SelectorRecord is not trained again (a short text would fail)."""
+    import shutil
+
+    from mlxflash.fetch.default_model import ensure_default_predictors
+    from mlxflash.format.bundle import update_resident
+    from mlxflash.format.selector_record import SelectorRecord
+
+    path = shutil.copytree(bundles["llama"], tmp_path / "b")
+    update_resident(Bundle.open(path), {}, SelectorRecord(kind="gate", gate_threshold=[0.1, 0.1], gate_density=0.5))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    monkeypatch.setenv("MLXFLASH_TRAIN_TEXT", str(short))
+    before = (path / "config.json").read_bytes()
+    ensure_default_predictors(path)
+    assert (path / "config.json").read_bytes() == before
+    assert Bundle.open(path).spec.selector == SelectorRecord(kind="gate", gate_threshold=[0.1, 0.1], gate_density=0.5)
+
+
 def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_data):
     import shutil
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = Bundle.open(args.bundle, verify=False)
     reader = FlashReader(bundle.ffn_path, threads=4)
-    inner = make_selector(bundle, reader, args.selector, density=args.density)
+    inner = make_selector(bundle, reader, bundle.resident_weights(), args.selector, density=args.density)
     widths = [b.neurons for b in bundle.spec.layers]
     meta = {"source": str(args.bundle), "selector": inner.kind, "density": args.density, "text": args.text.name}
     recorder = traces.RecordingSelector(inner, bundle.num_layers, widths, **meta)

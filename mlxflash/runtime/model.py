@@ -154,7 +154,9 @@ def load_model(
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
     try:
-        chosen, plan = planner.plan(bundle, budget, PlanRequest(mode, selector, window, density, gate_bits), reader)
+        chosen, plan = planner.plan(
+            bundle, budget, PlanRequest(mode, selector, window, density, gate_bits), reader, weights
+        )
     except Exception:
         reader.close()
         raise

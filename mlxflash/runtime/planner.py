@@ -1,5 +1,5 @@
 """The memory plan: from a DRAM budget and a request, the selector, what stays resident, the window
-and the cache capacities. One entry, `plan(bundle, budget, request, reader) -> (selector, Plan)`;
+and the cache capacities. One entry, `plan(bundle, budget, request, reader, weights) -> (selector, Plan)`;
 `Budget.of(bundle, memory)` is the one place a --memory value is parsed.
 
 Fixed in DRAM: the resident weights (embeddings, attention, norms, LM head, FFN biases and group
@@ -14,7 +14,7 @@ fixed overhead.
 
 Extending it: a new resident term (the KV cache, say) is a field of `Plan` counted in `fixed_bytes`;
 a different way to pick the density (a quality table) replaces `_fitting_density`; a cache of other
-units (MoE experts) is another `_size_*` next to `_size_flash`, chosen in `plan`.
+units (MoE experts: runtime/moe_plan.py) plans from the same `Budget` and `choose_mode`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+
+import mlx.core as mx
 
 from ..errors import UsageError
 from ..format.bundle import Bundle
@@ -182,13 +184,16 @@ class PlanRequest:
     gate_bits: int | None = None
 
 
-def plan(bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader) -> tuple[Selector | None, Plan]:
+def plan(
+    bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader, weights: dict[str, mx.array]
+) -> tuple[Selector | None, Plan]:
     """The mode, and in flash mode the selector and the cache plan. `reader` reads the gate selector's
-    rows and sizes its scratch buffers. Raises TooSmall when not even one token's neurons fit."""
+    rows and sizes its scratch buffers; `weights` are the resident tensors in the compute dtype (the
+    predictors among them). Raises TooSmall when not even one token's neurons fit."""
     mode = choose_mode(budget, request.mode)
     if mode != "flash":
         return None, Plan(mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0)
-    selector = make_selector(bundle, reader, request.selector, request.density, request.gate_bits)
+    selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
     try:
         return selector, _size_flash(bundle, budget, selector, request.window, reader)
     except TooSmall as e:
@@ -206,6 +211,7 @@ def plan(bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashRead
 def make_selector(
     bundle: Bundle,
     reader: FlashReader,
+    weights: dict[str, mx.array],
     choice: str | Selector | None,
     density: float | None = None,
     gate_bits: int | None = None,
@@ -226,7 +232,7 @@ def make_selector(
     if choice == "all":
         return AllSelector([b.neurons for b in bundle.spec.layers])
     if choice == "predictor":
-        return predictor_selector(bundle, bundle.resident_weights(), density)
+        return predictor_selector(bundle, weights, density)
     if gate_bits is None and record and choice == record.kind:
         gate_bits = record.gate_bits
     if density is None and gate_bits is not None and record:  # thresholds were calibrated on the exact gate
