@@ -21,6 +21,7 @@ from mlxflash.errors import ConvertError
 from mlxflash.format.convert import convert
 from mlxflash.format.moe import MoEBundle, read_experts
 from mlxflash.runtime.experts import ExpertIndex, replay
+from mlxflash.runtime.moe import record_routes
 from mlxflash.runtime.routing import generate_routing, reuse_stats, share_any
 
 COMMON = {
@@ -241,3 +242,18 @@ def test_routing_generator_matches_its_published_calibration():
     assert stats["hit_rate"]["lru"][2] < stats["hit_rate"]["lru"][4] < stats["hit_rate"]["lru"][8]
     independent = reuse_stats(generate_routing(8, 2, 4, 600, persistence=0.0, seed=1))
     assert independent["share_any"] == pytest.approx(0.464, abs=0.04)
+
+
+def test_recorded_routing_is_the_routers_choice(case):
+    config, model, path, _ = case
+    flash, _ = mlxflash.load(path, mode="flash", slots=2)
+    trace = record_routes(flash, PROMPT, chunk=5)
+    flash.flash.close()
+    k = config["num_experts_per_tok"]
+    layer = model.layers[trace.meta["layers"][0]]
+    h = model.model.embed_tokens(mx.array([PROMPT]))
+    h = h + layer.self_attn(layer.input_layernorm(h), mask="causal")
+    moe = layer.block_sparse_moe if config["model_type"] == "mixtral" else layer.mlp
+    gates = np.array(moe.gate(layer.post_attention_layernorm(h)))[0]  # (tokens, experts)
+    for t in range(len(PROMPT)):
+        assert set(trace.token(0, t).tolist()) == set(np.argsort(-gates[t])[:k].tolist())
