@@ -42,8 +42,8 @@ QWEN3_MOE = {
     "num_hidden_layers": 3,
     "intermediate_size": 96,
     "head_dim": 16,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
+    "num_experts": 24,  # prompt slices of 3 experts
+    "num_experts_per_tok": 4,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [1],  # a dense layer between MoE ones: resident
     "moe_intermediate_size": 32,
