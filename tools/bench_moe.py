@@ -104,6 +104,8 @@ class ModeResult:
     slots: int = 0
     expected_hit_rate: float = 0.0
     planned_bytes: float = 0.0
+    predicted_io_ms: float = 0.0  # the planner's cost-model figure for the expected bytes per token
+    budget_bytes: float = 0.0
     peak_rss_bytes: int = 0
     io_mode: str = ""
     note: str = ""
@@ -162,7 +164,12 @@ class RuntimeDriver:
 
     def extra(self) -> dict:
         p = self.rt.plan
-        return {"slots": p.slots, "expected_hit_rate": p.expected_hit_rate, "planned_bytes": p.planned_bytes}
+        return {
+            "slots": p.slots,
+            "expected_hit_rate": p.expected_hit_rate,
+            "planned_bytes": p.planned_bytes,
+            "predicted_io_ms": 1e3 * p.io_seconds_per_token,
+        }
 
 
 class MmapDriver:
@@ -235,7 +242,7 @@ def run_mode(mode: str, args) -> ModeResult:
     if mode != "mmap":
         h, m = _hits(driver.rt)
         r.hit_rate = (h - hits) / max(1, h - hits + m - misses)
-    r.peak_rss_bytes = peak_rss_bytes()
+    r.peak_rss_bytes, r.budget_bytes = peak_rss_bytes(), budget.budget
     return r
 
 
@@ -287,17 +294,21 @@ def finish(results: list[ModeResult], budget: MoEBudget) -> float:
 
 
 def table(results: list[ModeResult], budget: MoEBudget) -> str:
-    head = "| mode | ms/token | I/O ms | compute ms | experts read/token | MB read/token | disk MB/token | hit rate | slots/layer | peak RSS GB | speedups |"
-    rows = [head, "|" + "---|" * 11]
+    head = (
+        "| mode | ms/token | I/O ms | predicted I/O ms | compute ms | experts read/token | MB read/token | "
+        "disk MB/token | hit rate | expected hit rate | slots/layer | peak RSS GB (budget) | speedups |"
+    )
+    rows = [head, "|" + "---|" * 13]
     for r in results:
         if r.skipped:
-            rows.append(f"| {r.mode} | skipped: {r.skipped} |" + " |" * 9)
+            rows.append(f"| {r.mode} | skipped: {r.skipped} |" + " |" * 11)
             continue
         sp = ", ".join(f"{v:.2f}x {k}" for k, v in r.speedups.items())
         rows.append(
-            f"| {r.mode} | {r.ms_per_token:.0f} | {r.io_ms:.0f} | {r.compute_ms:.0f} | {r.experts_read_per_token:.1f} | "
-            f"{r.bytes_per_token / 1e6:.0f} | {r.disk_bytes_per_token / 1e6:.0f} | {r.hit_rate:.2f} | {r.slots} | "
-            f"{r.peak_rss_bytes / GB:.2f} | {sp} |"
+            f"| {r.mode} | {r.ms_per_token:.0f} | {r.io_ms:.0f} | {r.predicted_io_ms:.0f} | {r.compute_ms:.0f} | "
+            f"{r.experts_read_per_token:.1f} | {r.bytes_per_token / 1e6:.0f} | {r.disk_bytes_per_token / 1e6:.0f} | "
+            f"{r.hit_rate:.2f} | {r.expected_hit_rate:.2f} | {r.slots} | "
+            f"{r.peak_rss_bytes / GB:.2f} ({r.budget_bytes / GB:.2f}) | {sp} |"
         )
     return "\n".join(rows)
 
