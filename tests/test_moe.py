@@ -257,3 +257,25 @@ def test_recorded_routing_is_the_routers_choice(case):
     gates = np.array(moe.gate(layer.post_attention_layernorm(h)))[0]  # (tokens, experts)
     for t in range(len(PROMPT)):
         assert set(trace.token(0, t).tolist()) == set(np.argsort(-gates[t])[:k].tolist())
+
+
+def test_qwen2_moe_with_shared_experts(tmp_path):
+    config = {
+        **COMMON,
+        "model_type": "qwen2_moe",
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+    }
+    model = reference(config)
+    path = convert(hf_checkpoint(tmp_path / "hf", config, model), tmp_path / "bundle", progress=False)
+    assert any(".mlp.shared_expert." in k for k in MoEBundle.open(path).resident_weights())
+    expected = _greedy(model, 8)
+    for slots in (1, 8):
+        flash, _ = mlxflash.load(path, mode="flash", slots=slots)
+        np.testing.assert_allclose(np.array(flash(mx.array([PROMPT]))), np.array(model(mx.array([PROMPT]))), atol=1e-5)
+        assert _greedy(flash, 8) == expected
+        flash.flash.close()
