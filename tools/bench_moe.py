@@ -137,9 +137,13 @@ def attention_seconds(model, bundle: MoEBundle, repeats: int = 5) -> float:
         mx.eval(layer.self_attn(x, None, cache[0]), layer.mlp.gate(x))
         times.append(time.perf_counter() - t0)
     head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
-    t0 = time.perf_counter()
     mx.eval(head(x))
-    head_s = time.perf_counter() - t0
+    head_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(head(x))
+        head_times.append(time.perf_counter() - t0)
+    head_s = statistics.median(head_times)
     return statistics.median(times) * len(bundle.spec.layers) + head_s
 
 
