@@ -67,7 +67,7 @@ def run_mode(mode: str, args) -> ModeResult:
     attn_layer, head = attention_seconds(bundle, resident_weights_of(driver, bundle))
     attn = attn_layer * bundle.num_layers + head
     clocks, walls, disk = time_tokens(driver, bundle, args.warmup, args.tokens, isolation.disk_read_bytes)
-    r = summarize(mode, driver, clocks, walls, attn, curve)
+    r = summarize(mode, driver, clocks, walls, attn, curve, bundle.ffn_path)
     r.disk_bytes_per_token = disk
     r.dram_bytes = dram_bytes(mode, driver, bundle, budget)
     if mode == "mmap" and disk is not None:  # what the page cache really read

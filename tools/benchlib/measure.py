@@ -105,8 +105,9 @@ def time_tokens(driver, bundle: Bundle, warmup: int, tokens: int, disk_bytes) ->
     return clocks, walls, disk
 
 
-def summarize(mode: str, driver, clocks: list[Clock], walls: list[float], attn: float, curve) -> ModeResult:
-    """Medians over the measured tokens (attention + head added to compute and total)."""
+def summarize(mode: str, driver, clocks: list[Clock], walls: list[float], attn: float, curve, ffn_path) -> ModeResult:
+    """Medians over the measured tokens (attention + head added to compute and total); the predicted
+    I/O from the curve as stored and as spot-checked right after the tokens (`curve_now`)."""
 
     def med(key):
         return statistics.median(getattr(c, key) for c in clocks)
@@ -119,12 +120,16 @@ def summarize(mode: str, driver, clocks: list[Clock], walls: list[float], attn: 
     r.bytes_per_token, r.reads_per_token, r.transferred_per_token = nbytes, reads, med("transferred")
     r.read_gbps = nbytes / io / GB if io > 0 else 0.0
     r.threads = driver.threads()
-    if mode != "mmap":
-        r.predicted_io_ms = 1e3 * predicted_io(mode, r.transferred_per_token or nbytes, reads, r.threads, curve)
+    r.extra = driver.extra() if hasattr(driver, "extra") else {}
+    if mode != "mmap" and reads:
+        moved = r.transferred_per_token or nbytes
+        r.extra["predicted_io_stored_ms"] = 1e3 * predicted_io(mode, moved, reads, r.threads, curve)
+        now = curve_now(mode, moved / reads, r.threads, reads, ffn_path, curve)
+        r.extra["spot_check"] = now.meta["rescaled"]
+        r.predicted_io_ms = 1e3 * predicted_io(mode, moved, reads, r.threads, now)
     r.peak_rss_bytes, r.attention_ms = peak_rss_bytes(), 1e3 * attn
     r.io_mode = driver.io_note()
     r.note = getattr(driver, "note", "")
-    r.extra = driver.extra() if hasattr(driver, "extra") else {}
     return r
 
 
@@ -135,3 +140,12 @@ def predicted_io(mode: str, nbytes: float, reads: float, threads: int, curve: co
         return nbytes / (curve.sequential_gbps * GB)
     chunk = nbytes / reads if reads else nbytes
     return costmodel.predict_io_seconds(nbytes, chunk, max(threads, 1), curve)
+
+
+def curve_now(mode: str, chunk: float, threads: int, reads: float, ffn_path, curve) -> costmodel.DiskCurve:
+    """The stored curve rescaled to a spot check of the disk made now, in this process: as many reads
+    as a token makes (64..1024) at its mean size and concurrency (streaming modes: 1 MiB reads)."""
+    size = 1 << 20 if mode in ("naive", "hybrid") else chunk
+    n = int(min(1024, max(64, reads)))
+    gbps = costmodel.spot_check(ffn_path, size, max(threads, 1), reads=n)
+    return costmodel.rescaled(curve, size, max(threads, 1), gbps)

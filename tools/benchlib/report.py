@@ -165,7 +165,7 @@ def _ms(v: float, spread: list | None = None) -> str:
 def table(results: list[ModeResult], seq_gbps: float = 0.0) -> str:
     head = (
         "| mode | DRAM GB | flash->DRAM GB/token | transferred/used | reads/token | read GB/s "
-        f"(probe seq {seq_gbps:.2f}) | I/O ms (predicted) | mem ms | compute ms | total ms (rounds min-max) "
+        f"(probe seq {seq_gbps:.2f}) | I/O ms (predicted: spot-checked curve; stored) | mem ms | compute ms | total ms (rounds min-max) "
         "| vs naive | vs hybrid | vs mmap |"
     )
     rows = [head, "|" + "---|" * 13]
@@ -176,7 +176,8 @@ def table(results: list[ModeResult], seq_gbps: float = 0.0) -> str:
         ratio = r.transferred_per_token / r.bytes_per_token if r.bytes_per_token else 0.0
         rows.append(
             f"| {r.mode} | {r.dram_bytes / GB:.2f} | {r.bytes_per_token / GB:.3f} | {ratio:.2f} "
-            f"| {r.reads_per_token:.0f} | {r.read_gbps:.2f} | {r.io_ms:.1f} ({_ms(r.predicted_io_ms)}) "
+            f"| {r.reads_per_token:.0f} | {r.read_gbps:.2f} | {r.io_ms:.1f} ({_ms(r.predicted_io_ms)}; "
+            f"stored {_ms(r.extra.get('predicted_io_stored_ms', 0.0))}) "
             f"| {r.mem_ms:.1f} | {r.compute_ms:.1f} | {_ms(r.total_ms, r.spread.get('total_ms'))} "
             f"| {_x(r.speedup_vs_naive)} | {_x(r.speedup_vs_hybrid)} | {_x(r.extra.get('speedup_vs_mmap'))} |"
         )
