@@ -43,12 +43,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from bench import GB, blas_in_use, cgroup_cap, disk_read_bytes, parse_memory, remove_cgroup
+from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, remove_cgroup
 
 from mlxflash.format.moe import MoEBundle
 from mlxflash.runtime.costmodel import evict
+from mlxflash.runtime.cpu import blas_in_use
 from mlxflash.runtime.experts import ExpertSlots, switch_glu
 from mlxflash.runtime.moe_plan import PROMPT_SHARE
+from mlxflash.runtime.planner import parse_memory
 from mlxflash.runtime.reader import SCRATCH_BYTES
 from mlxflash.runtime.routing import generate_routing, reuse_stats
 from mlxflash.runtime.stats import current_rss_bytes, peak_rss_bytes
