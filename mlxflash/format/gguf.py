@@ -167,7 +167,9 @@ def load_gguf(path: Path, bits: int | None = None, scale_dtype=np.float16) -> GG
     for t in reader.tensors:
         base = t.name.removesuffix(".weight")
         for suffix, value in _map_tensor(t, target[t.name], scale_dtype, report).items():
-            tensors[f"{base}.{suffix}" if base != t.name else f"{t.name}.{suffix}"] = value
+            # a float tensor not named .weight (qwen2's attention biases) keeps its name
+            plain = base == t.name and suffix == "weight"
+            tensors[t.name if plain else f"{base}.{suffix}"] = value
             mx.eval(value)
     _undo_conversion(arch, tensors, md)
     return GGUFModel(path, tensors, md, report)
