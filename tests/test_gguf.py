@@ -19,7 +19,7 @@ from tiny import _GGUF_NAMES
 
 import mlxflash
 from mlxflash.errors import ConvertError
-from mlxflash.format import quants
+from mlxflash.format import gguf_blocks as quants
 from mlxflash.format.convert import open_source
 
 EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q8_K]
@@ -341,7 +341,7 @@ def test_unsupported_architecture(tmp_path):
 @given(bits=st.sampled_from([3, 5, 6]), rows=st.integers(1, 2), cols=st.integers(1, 2), seed=st.integers(0, 999))
 def test_runtime_transposes_odd_bit_codes(bits, rows, cols, seed):
     """The runtime's per-neuron down columns for 3/5/6-bit codes (Q5_0/Q5_1/Q5_K and --bits 3/5/6)."""
-    from mlxflash.runtime.ffn import pack_codes, transpose_packed, unpack_codes
+    from mlxflash.format.quant import pack_codes, transpose_packed, unpack_codes
 
     codes = np.random.default_rng(seed).integers(0, 1 << bits, (32 * rows, 32 * cols)).astype(np.uint8)
     packed = mx.array(quants.pack(codes, bits))
