@@ -232,9 +232,9 @@ def _logits(model) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", EXACT + REQUANT + FLOATS, ids=lambda t: t.name)
-def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys):
+def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys, bits=None):
     written = write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
-    bundle = mlxflash.convert(tmp_path / "tiny.gguf", tmp_path / "bundle", dtype="float32", progress=False)
+    bundle = mlxflash.convert(tmp_path / "tiny.gguf", tmp_path / "bundle", bits=bits, dtype="float32", progress=False)
     report = capsys.readouterr().out
     model, _ = mlxflash.load(bundle, mode="resident")
     got = _logits(model)
@@ -245,9 +245,17 @@ def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsy
         assert err < 1e-4, f"{qtype.name}: max |logit diff| {err:.2e}"
         assert "exact" in line, line
     else:  # requantized: exactly gguf's dequantization requantized by mx.quantize in groups of 32
-        err = float(np.abs(got - _logits(reference_model(written, requant_bits=quants.REQUANT_BITS[qtype]))).max())
+        bits = bits or quants.REQUANT_BITS[qtype]
+        err = float(np.abs(got - _logits(reference_model(written, requant_bits=bits))).max())
         assert err < 1e-4, f"{qtype.name}: max |logit diff| {err:.2e}"
-        assert f"requantized to {quants.REQUANT_BITS[qtype]}-bit" in line, line
+        assert f"requantized to {bits}-bit" in line, line
+    print(f"{qtype.name}: max |logit - reference| {err:.2e}")
+
+
+@pytest.mark.parametrize("qtype, bits", [(T.Q6_K, 6), (T.Q3_K, 3)], ids=["Q6_K-6bit", "Q3_K-3bit"])
+def test_user_bits_for_requantized_types(tmp_path, qtype, bits, capsys):
+    """--bits sets what Q2_K/Q3_K/Q6_K become (here 6 and 3 bits: the runtime's straddling codes)."""
+    test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys, bits=bits)
 
 
 def test_mixed_ffn_types_are_promoted_exactly(tmp_path):
