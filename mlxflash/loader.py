@@ -12,8 +12,10 @@ from .fetch.hub import hub_model_path, is_hub_name
 from .fetch.staging import models_dir
 from .fetch.wheels import fetch_model
 from .format.bundle import Bundle
+from .format.moe import is_moe_bundle
 from .runtime.model import load_model
-from .runtime.planner import choose_mode
+from .runtime.moe import load_moe_model
+from .runtime.planner import Budget, choose_mode
 
 
 def load(path: str | Path | None = None, mode: str | None = None, memory: str | int | None = None, **kwargs):
@@ -30,7 +32,10 @@ def load(path: str | Path | None = None, mode: str | None = None, memory: str | 
     """
     default = path is None or catalog_model(str(path)) is SMOLLM2
     path = resolve_model(path)
-    if default and kwargs.get("selector") in (None, "predictor", "gate") and _flash_wanted(path, mode, memory):
+    if is_moe_bundle(path):  # mixture of experts: the routed experts stream (runtime/moe.py)
+        return load_moe_model(path, mode=mode, memory=memory, **kwargs)
+    memory = Budget.of(Bundle.open(path, verify=False), memory)  # parsed once: load_model takes it as it is
+    if default and kwargs.get("selector") in (None, "predictor", "gate") and choose_mode(memory, mode) == "flash":
         ensure_default_predictors(path)
     return load_model(path, mode=mode, memory=memory, **kwargs)
 
@@ -68,9 +73,3 @@ def fetch(name: str, find_links: str | Path | None = None) -> Path:
     if is_hub_name(name):
         return hub_model_path(name)
     raise FetchError(f"{name}: not a fetchable name ({', '.join(CATALOG)}) nor a Hugging Face name (org/name)")
-
-
-def _flash_wanted(path: Path, mode: str | None, memory) -> bool:
-    return mode == "flash" or (
-        mode is None and memory is not None and choose_mode(Bundle.open(path, verify=False), None, memory)[0] == "flash"
-    )
