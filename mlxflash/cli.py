@@ -33,9 +33,19 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="repack a GGUF file or a Hugging Face/mlx-lm directory into a flash bundle")
     p.add_argument("source", help="a .gguf file or a model directory with config.json and safetensors")
     p.add_argument("out", help="the bundle directory to create (must not exist)")
-    p.add_argument("--bits", type=int, choices=(4, 8), help="quantize a float source (MLX affine)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(2, 3, 4, 5, 6, 8),
+        help="quantize a float source (MLX affine); for a quantized GGUF, the bits of the types it cannot keep "
+        "exactly (Q2_K, Q3_K, Q6_K; default 4, 5, 8)",
+    )
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="dtype of float weights")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype of float weights (a quantized GGUF: of its scales; float32 keeps K-quants bit-exact)",
+    )
     p.set_defaults(run=_convert)
 
 

@@ -16,7 +16,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from tiny import TINY, byte_tokenizer
 
 import mlxflash
-from mlxflash.arch.registry import ARCHITECTURES, model_classes
+from mlxflash.arch.registry import ARCHITECTURES, MOE_FAMILY, model_classes
 from mlxflash.errors import ConvertError
 from mlxflash.format.bundle import Bundle
 from mlxflash.runtime.ffn import ACTIVATIONS
@@ -103,6 +103,11 @@ def converted(tmp_path_factory):
         config, leave_out = CONFIGS[name]
         src = make_source(root / f"{name}-q4-src", config, leave_out, quantize=(32, 4))
         out[f"{name}-q4"] = (src, mlxflash.convert(src, root / f"{name}-q4", progress=False))
+        float_src = out[name][0]  # and quantized by the converter (`--bits 4`), as mlx-lm's convert -q does
+        out[f"{name}-bits4"] = (
+            float_src,
+            mlxflash.convert(float_src, root / f"{name}-b4", bits=4, group_size=32, progress=False),
+        )
     return out
 
 
@@ -118,7 +123,7 @@ def prompt_logits(model, tokens=TOKENS) -> np.ndarray:
 
 
 def test_every_registered_architecture_is_tested():
-    assert set(CONFIGS) == set(ARCHITECTURES) - {"opt"}  # OPT: tests/test_flash.py
+    assert set(CONFIGS) == set(ARCHITECTURES) - {"opt", *MOE_FAMILY}  # OPT: tests/test_flash.py; MoE: test_moe.py
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -143,6 +148,15 @@ def test_resident_naive_flash_and_mlx_lm_agree(converted, name):
     # flash: every neuron, the sparse path (rows in cache order, down dequantized per row): same sum
     np.testing.assert_allclose(decode_logits(flash), expected, atol=1e-5, rtol=1e-5)
     assert flash.flash.stats.computed == len(TOKENS) * 2 * 128  # it really ran the sparse path
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma3", "phi3"])
+def test_quantized_at_conversion_matches_mlx_lm_quantized(converted, name):
+    src, bundle = converted[f"{name}-bits4"]
+    reference, _ = mlx_lm_load_model(src)
+    nn.quantize(reference, group_size=32, bits=4)
+    model, _ = mlxflash.load(bundle, mode="resident")
+    np.testing.assert_allclose(decode_logits(model), decode_logits(reference), atol=1e-5, rtol=1e-5)
 
 
 def test_bundle_records_the_activation(converted):
@@ -232,6 +246,8 @@ def test_half_bundle_computes_in_float32_on_cpu(half_bundles, stored):
         layer = model.model.layers[0]
         assert layer.self_attn.q_proj.weight.dtype == mx.float32
         assert layer.mlp(mx.random.normal((1, 1, 64))).dtype == mx.float32  # records converted as read
+    for block in resident.model.layers:  # converted once at load, not at every product
+        assert all(v.dtype in (mx.float32, mx.uint32) for v in block.mlp._w.values())
     half = decode_logits(resident)
     assert half.dtype == np.float32
     np.testing.assert_allclose(decode_logits(flash), half, atol=1e-5, rtol=1e-5)

@@ -77,3 +77,19 @@ def test_tiny_probe_measures_something(tmp_path):
     g = np.asarray(curve.gbps)
     assert g.shape == (2, 2) and np.all(g > 0) and curve.sequential_gbps > 0
     assert curve.meta["file_bytes"] == 8 << 20
+
+
+def test_rescaled_keeps_the_shape_and_sets_the_level():
+    c = flat_curve()
+    r = cm.rescaled(c, 8192, 2, 0.2)  # the curve said 0.4 there: everything halves
+    assert r.throughput(8192, 2) == pytest.approx(0.2e9)
+    assert r.throughput(16384, 4) == pytest.approx(c.throughput(16384, 4) / 2)
+    assert r.sequential_gbps == pytest.approx(1.0) and r.meta["rescaled"]["factor"] == pytest.approx(0.5)
+
+
+def test_spot_check_measures_the_file_now(tmp_path):
+    f = cm.make_scratch(tmp_path / "scratch", 4 << 20)
+    gbps = cm.spot_check(f, 10_000, threads=2, reads=32)  # rounded up to 12 KiB reads
+    assert 0 < gbps < 1000
+    with pytest.raises(ValueError, match="smaller than one"):
+        cm.spot_check(f, 8 << 20, threads=1)

@@ -352,19 +352,20 @@ def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, sh
     import shutil
 
     from mlxflash.errors import MlxflashError
-    from mlxflash.fetch.default_model import DEFAULT_TRAINING, ensure_default_predictors
+    from mlxflash.fetch.default_model import DEFAULT_SELECTOR, DEFAULT_TRAINING, ensure_default_predictors
 
     path = shutil.copytree(bundles["llama"], tmp_path / "b")
     short = tmp_path / "short.txt"
     short.write_text("too short")
     monkeypatch.setenv("MLXFLASH_TRAIN_TEXT", str(short))
-    with pytest.raises(MlxflashError, match="predictors failed"):
+    with pytest.raises(MlxflashError, match="calibrating the default model's selector failed"):
         ensure_default_predictors(path)
     assert Bundle.open(path).spec.selector is None  # nothing written
     monkeypatch.setenv("MLXFLASH_TRAIN_TEXT", str(shared_data / "tinyshakespeare.txt"))
     ensure_default_predictors(path)
     selector = Bundle.open(path).spec.selector
-    assert selector.kind == DEFAULT_TRAINING["selector"] and selector.gate_bits == DEFAULT_TRAINING["gate_bits"]
+    assert selector.kind == DEFAULT_SELECTOR and selector.gate_bits == DEFAULT_TRAINING["gate_bits"]
+    assert len(selector.gate_threshold) == 2 and selector.gate_density == DEFAULT_TRAINING["density"]
 
 
 def test_first_use_training_is_skipped_once_a_selector_is_recorded(bundles, tmp_path, monkeypatch):

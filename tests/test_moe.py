@@ -21,6 +21,7 @@ from mlxflash.errors import ConvertError
 from mlxflash.format.convert import convert
 from mlxflash.format.moe import MoEBundle, read_experts
 from mlxflash.runtime.experts import ExpertIndex, replay
+from mlxflash.runtime.moe import record_routes
 from mlxflash.runtime.routing import generate_routing, reuse_stats, share_any
 
 COMMON = {
@@ -41,8 +42,8 @@ QWEN3_MOE = {
     "num_hidden_layers": 3,
     "intermediate_size": 96,
     "head_dim": 16,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
+    "num_experts": 24,  # prompt slices of 3 experts
+    "num_experts_per_tok": 4,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [1],  # a dense layer between MoE ones: resident
     "moe_intermediate_size": 32,
@@ -241,3 +242,40 @@ def test_routing_generator_matches_its_published_calibration():
     assert stats["hit_rate"]["lru"][2] < stats["hit_rate"]["lru"][4] < stats["hit_rate"]["lru"][8]
     independent = reuse_stats(generate_routing(8, 2, 4, 600, persistence=0.0, seed=1))
     assert independent["share_any"] == pytest.approx(0.464, abs=0.04)
+
+
+def test_recorded_routing_is_the_routers_choice(case):
+    config, model, path, _ = case
+    flash, _ = mlxflash.load(path, mode="flash", slots=2)
+    trace = record_routes(flash, PROMPT, chunk=5)
+    flash.flash.close()
+    k = config["num_experts_per_tok"]
+    layer = model.layers[trace.meta["layers"][0]]
+    h = model.model.embed_tokens(mx.array([PROMPT]))
+    h = h + layer.self_attn(layer.input_layernorm(h), mask="causal")
+    moe = layer.block_sparse_moe if config["model_type"] == "mixtral" else layer.mlp
+    gates = np.array(moe.gate(layer.post_attention_layernorm(h)))[0]  # (tokens, experts)
+    for t in range(len(PROMPT)):
+        assert set(trace.token(0, t).tolist()) == set(np.argsort(-gates[t])[:k].tolist())
+
+
+def test_qwen2_moe_with_shared_experts(tmp_path):
+    config = {
+        **COMMON,
+        "model_type": "qwen2_moe",
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+    }
+    model = reference(config)
+    path = convert(hf_checkpoint(tmp_path / "hf", config, model), tmp_path / "bundle", progress=False)
+    assert any(".mlp.shared_expert." in k for k in MoEBundle.open(path).resident_weights())
+    expected = _greedy(model, 8)
+    for slots in (1, 8):
+        flash, _ = mlxflash.load(path, mode="flash", slots=slots)
+        np.testing.assert_allclose(np.array(flash(mx.array([PROMPT]))), np.array(model(mx.array([PROMPT]))), atol=1e-5)
+        assert _greedy(flash, 8) == expected
+        flash.flash.close()

@@ -43,15 +43,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from bench import GB, blas_in_use, cgroup_cap, disk_read_bytes, parse_memory, remove_cgroup
+from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, remove_cgroup
 
 from mlxflash.format.moe import MoEBundle
 from mlxflash.runtime.costmodel import evict
+from mlxflash.runtime.cpu import blas_in_use
 from mlxflash.runtime.experts import ExpertSlots, switch_glu
 from mlxflash.runtime.moe_plan import PROMPT_SHARE
+from mlxflash.runtime.planner import parse_memory
 from mlxflash.runtime.reader import SCRATCH_BYTES
 from mlxflash.runtime.routing import generate_routing, reuse_stats
-from mlxflash.runtime.stats import peak_rss_bytes
+from mlxflash.runtime.stats import current_rss_bytes, peak_rss_bytes
 from mlxflash.runtime.traces import Trace, trace_layer
 
 MODES = ("naive", "mmap", "flash")
@@ -77,7 +79,7 @@ def resolve_budget(bundle: MoEBundle, memory: str, threads: int = 16) -> MoEBudg
     spec = bundle.spec
     weights = bundle.resident_weights()  # lazy: shapes only
     in_layers = sum(v.nbytes for k, v in weights.items() if k.startswith("model.layers."))
-    fixed = sum(v.nbytes for v in weights.values()) - in_layers
+    fixed = bundle.resident_bytes - in_layers  # the file's bytes, as the planner counts them
     layers, R, E = len(spec.layers), spec.record.nbytes, spec.num_experts
     full = max(layers, int(bundle.config.get("synthetic", {}).get("full_layers", layers)))
     per_res = in_layers / layers
@@ -96,7 +98,10 @@ class ModeResult:
     ms_per_token: float = 0.0  # experts' I/O + compute, plus the common attention figure
     io_ms: float = 0.0
     compute_ms: float = 0.0
-    attention_ms: float = 0.0  # this process's own attention + router + head figure
+    attention_ms: float = 0.0  # this process's own attention + router figure, all measured layers
+    head_ms: float = 0.0  # this process's LM head figure
+    experts_ms: float = 0.0  # the routed experts alone: I/O + their compute
+    overhead_bytes: int = 0  # the runtime itself (Python, MLX, tokenizer) before the model: outside the budget
     experts_read_per_token: float = 0.0
     bytes_per_token: float = 0.0
     disk_bytes_per_token: float = 0.0
@@ -104,6 +109,8 @@ class ModeResult:
     slots: int = 0
     expected_hit_rate: float = 0.0
     planned_bytes: float = 0.0
+    predicted_io_ms: float = 0.0  # the planner's cost-model figure for the expected bytes per token
+    budget_bytes: float = 0.0
     peak_rss_bytes: int = 0
     io_mode: str = ""
     note: str = ""
@@ -121,7 +128,7 @@ def load_trace(spec: str, bundle: MoEBundle, tokens: int, seed: int) -> Trace:
     return trace
 
 
-def attention_seconds(model, bundle: MoEBundle, repeats: int = 5) -> float:
+def attention_seconds(model, bundle: MoEBundle, repeats: int = 3) -> tuple[float, float]:
     """Layer 0's attention (one token over a short cache) and router, times the layers, plus the head."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -135,10 +142,14 @@ def attention_seconds(model, bundle: MoEBundle, repeats: int = 5) -> float:
         mx.eval(layer.self_attn(x, None, cache[0]), layer.mlp.gate(x))
         times.append(time.perf_counter() - t0)
     head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
-    t0 = time.perf_counter()
     mx.eval(head(x))
-    head_s = time.perf_counter() - t0
-    return statistics.median(times) * len(bundle.spec.layers) + head_s
+    head_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(head(x))
+        head_times.append(time.perf_counter() - t0)
+    head_s = statistics.median(head_times)
+    return statistics.median(times) * len(bundle.spec.layers), head_s
 
 
 class RuntimeDriver:
@@ -162,7 +173,12 @@ class RuntimeDriver:
 
     def extra(self) -> dict:
         p = self.rt.plan
-        return {"slots": p.slots, "expected_hit_rate": p.expected_hit_rate, "planned_bytes": p.planned_bytes}
+        return {
+            "slots": p.slots,
+            "expected_hit_rate": p.expected_hit_rate,
+            "planned_bytes": p.planned_bytes,
+            "predicted_io_ms": 1e3 * p.io_seconds_per_token,
+        }
 
 
 class MmapDriver:
@@ -177,6 +193,7 @@ class MmapDriver:
         self.slots = ExpertSlots(self.spec, self.spec.top_k)
         self.io_s = 0.0
         self.io_mode = "mmap (page cache, default read-ahead)"
+        self.overhead = current_rss_bytes() - self.resident.nbytes - self.slots.nbytes
 
     def layer(self, i: int, x: mx.array, ids: np.ndarray) -> mx.array:
         spec, R = self.spec, self.spec.record.nbytes
@@ -201,7 +218,7 @@ def run_mode(mode: str, args) -> ModeResult:
     budget = resolve_budget(bundle, args.memory, args.threads)
     trace = load_trace(args.trace, bundle, args.warmup + args.tokens, args.seed)
     driver = MmapDriver(bundle, budget) if mode == "mmap" else RuntimeDriver(mode, bundle, budget, trace, args)
-    attn = attention_seconds(driver.model, bundle) if mode != "mmap" else 0.0
+    attn, head = attention_seconds(driver.model, bundle) if mode != "mmap" else (0.0, 0.0)
     x = (mx.random.normal((1, 1, bundle.spec.hidden_size), key=mx.random.key(args.seed)) * 0.1).astype(mx.float32)
     layers = len(bundle.spec.layers)
     totals, ios, reads, disk = [], [], [], []
@@ -227,15 +244,16 @@ def run_mode(mode: str, args) -> ModeResult:
             driver.counters.bytes_read - b0 if mode != "mmap" else layers * bundle.spec.top_k * budget.record_bytes
         )
     med = statistics.median
-    r = ModeResult(mode, io_mode=driver.io_mode, attention_ms=1e3 * attn, **driver.extra())
+    r = ModeResult(mode, io_mode=driver.io_mode, attention_ms=1e3 * attn, head_ms=1e3 * head, **driver.extra())
     r.io_ms, r.compute_ms = 1e3 * med(ios), 1e3 * (med(totals) - med(ios))
-    r.ms_per_token = 1e3 * med(totals)
+    r.ms_per_token = r.experts_ms = 1e3 * med(totals)
     r.bytes_per_token, r.disk_bytes_per_token = med(reads), med(disk)
     r.experts_read_per_token = r.bytes_per_token / budget.record_bytes
     if mode != "mmap":
         h, m = _hits(driver.rt)
         r.hit_rate = (h - hits) / max(1, h - hits + m - misses)
-    r.peak_rss_bytes = peak_rss_bytes()
+    r.peak_rss_bytes, r.budget_bytes = peak_rss_bytes(), budget.budget
+    r.overhead_bytes = driver.rt.fixed_overhead_bytes if mode != "mmap" else driver.overhead
     return r
 
 
@@ -270,34 +288,48 @@ def child(mode: str, args, budget: MoEBudget) -> ModeResult:
     return ModeResult(mode, skipped=f"failed (exit {p.returncode}): {tail}")
 
 
-def finish(results: list[ModeResult], budget: MoEBudget) -> float:
-    """Common attention figure added to every mode; speedups; the full-depth extrapolation."""
-    figures = [r.attention_ms for r in results if not r.skipped and r.attention_ms]
-    attn = statistics.median(figures) if figures else 0.0
+def finish(results: list[ModeResult], budget: MoEBudget) -> tuple[float, float]:
+    """Common attention and head figures added to every mode; speedups; the full-depth extrapolation
+    (per-layer costs x full_layers / layers, the head once)."""
+    done = [r for r in results if not r.skipped]
+    attn = statistics.median([r.attention_ms for r in done if r.attention_ms] or [0.0])
+    head = statistics.median([r.head_ms for r in done if r.head_ms] or [0.0])
     scale = budget.full_layers / budget.layers
-    for r in results:
-        if not r.skipped:
-            r.ms_per_token += attn
-            r.compute_ms += attn
-            r.full_depth_ms = r.ms_per_token * scale
-    done = {r.mode: r for r in results if not r.skipped}
-    for r in done.values():
-        r.speedups = {f"vs {m}": done[m].ms_per_token / r.ms_per_token for m in done if m != r.mode}
-    return attn
+    for r in done:
+        r.ms_per_token = r.experts_ms + attn + head
+        r.compute_ms += attn + head
+        r.full_depth_ms = (r.experts_ms + attn) * scale + head
+    by_mode = {r.mode: r for r in done}
+    for r in done:
+        r.speedups = {f"vs {m}": o.ms_per_token / r.ms_per_token for m, o in by_mode.items() if m != r.mode}
+        r.speedups.update(
+            {f"experts only vs {m}": o.experts_ms / r.experts_ms for m, o in by_mode.items() if m != r.mode}
+        )
+        r.speedups.update(
+            {
+                f"{budget.full_layers} layers vs {m}": o.full_depth_ms / r.full_depth_ms
+                for m, o in by_mode.items()
+                if m != r.mode
+            }
+        )
+    return attn, head
 
 
 def table(results: list[ModeResult], budget: MoEBudget) -> str:
-    head = "| mode | ms/token | I/O ms | compute ms | experts read/token | MB read/token | disk MB/token | hit rate | slots/layer | peak RSS GB | speedups |"
-    rows = [head, "|" + "---|" * 11]
+    head = (
+        "| mode | ms/token | I/O ms | predicted I/O ms | compute ms | experts read/token | MB read/token | "
+        "disk MB/token | hit rate | expected hit rate | slots/layer | peak RSS GB (budget; runtime overhead) |"
+    )
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         if r.skipped:
-            rows.append(f"| {r.mode} | skipped: {r.skipped} |" + " |" * 9)
+            rows.append(f"| {r.mode} | skipped: {r.skipped} |" + " |" * 10)
             continue
-        sp = ", ".join(f"{v:.2f}x {k}" for k, v in r.speedups.items())
         rows.append(
-            f"| {r.mode} | {r.ms_per_token:.0f} | {r.io_ms:.0f} | {r.compute_ms:.0f} | {r.experts_read_per_token:.1f} | "
-            f"{r.bytes_per_token / 1e6:.0f} | {r.disk_bytes_per_token / 1e6:.0f} | {r.hit_rate:.2f} | {r.slots} | "
-            f"{r.peak_rss_bytes / GB:.2f} | {sp} |"
+            f"| {r.mode} | {r.ms_per_token:.0f} | {r.io_ms:.0f} | {r.predicted_io_ms:.0f} | {r.compute_ms:.0f} | "
+            f"{r.experts_read_per_token:.1f} | {r.bytes_per_token / 1e6:.0f} | {r.disk_bytes_per_token / 1e6:.0f} | "
+            f"{r.hit_rate:.2f} | {r.expected_hit_rate:.2f} | {r.slots} | "
+            f"{r.peak_rss_bytes / GB:.2f} ({r.budget_bytes / GB:.2f}; {r.overhead_bytes / GB:.2f}) |"
         )
     return "\n".join(rows)
 
@@ -336,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         print(f"{mode}: running", file=sys.stderr, flush=True)
         results.append(child(mode, args, budget))
-    attn = finish(results, budget)
+    attn, head = finish(results, budget)
     spec = bundle.spec
     print(
         f"MoE bench: {args.bundle} ({spec.num_experts} experts, {spec.top_k} routed, d={spec.hidden_size}, expert FFN "
@@ -345,12 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         f"budget {args.memory} of the full {budget.model_bytes_full / GB:.1f} GB model = {budget.budget_full / GB:.2f} GB -> "
         f"{budget.slots} of {spec.num_experts} expert slots per layer; this bundle's share {budget.budget / GB:.2f} GB\n"
         f"tokens {args.tokens} (+{args.warmup} warm-up), medians; BLAS {blas_in_use()}; load average "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; common attention+router+head {attn:.0f} ms added to every mode\n"
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; common attention+router {attn:.0f} ms and LM head {head:.0f} ms added to every mode\n"
         f"trace {trace.meta.get('source', args.trace)} ({reuse['tokens']} tokens x {reuse['layers']} layers): reuse from the previous token {reuse['reuse_prev']:.2f} of its "
         f"experts, shares >= 1 expert {reuse['share_any']:.2f}; hit rates by slots: "
         + "; ".join(f"{p} " + ", ".join(f"{s}: {h:.2f}" for s, h in hr.items()) for p, hr in reuse["hit_rate"].items())
     )
     print("\n" + table(results, budget))
+    print("\nspeedups (ms per token of the other mode / this one's):")
+    for r in results:
+        if not r.skipped:
+            print(f"- {r.mode}: " + ", ".join(f"{v:.2f}x {k}" for k, v in r.speedups.items()))
     if budget.full_layers != budget.layers:
         print(
             f"\nextrapolated to {budget.full_layers} layers (per-layer costs x {budget.full_layers / budget.layers:.1f}):"

@@ -7,13 +7,15 @@ Q4_1 GGUF dequantized to a float32 safetensors directory) into one float bundle 
 `mlxflash convert --dtype`, decodes the same greedy tokens from each, and prints ms/token.
 `--stored-math` also times the old behaviour (math in the stored dtype) for comparison.
 
-    python tools/dtype_speed.py [--gguf FILE] [--tokens 16] [--mode resident] [--json out.json]
+    python tools/dtype_speed.py [--gguf FILE] [--tokens 16] [--rounds 2] [--mode resident] [--stored-math]
+                                [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -82,13 +84,12 @@ def decode_ms(path: Path, mode: str, tokens: int) -> tuple[list[float], str, lis
     return times, dtype, out
 
 
-def stored_math() -> None:
-    """The behaviour before this fix: compute in whatever the bundle stores."""
+fast_dtype = dtypes.compute_dtype
 
-    def stored(dtype):
-        return getattr(mx, dtype) if isinstance(dtype, str) else dtype
 
-    dtypes.compute_dtype = ffn.compute_dtype = runtime_model.compute_dtype = stored
+def stored_dtype(dtype):
+    """The behaviour before the fix (--stored-math): compute in whatever the bundle stores."""
+    return getattr(mx, dtype) if isinstance(dtype, str) else dtype
 
 
 def main(argv=None) -> None:
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,float16,bfloat16")
     p.add_argument("--stored-math", action="store_true", help="also time math in the stored dtype (slow)")
     p.add_argument("--stored-tokens", type=int, default=3, help="tokens for the --stored-math runs")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the bundles")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mlxflash-dtype-"))
@@ -114,26 +116,33 @@ def main(argv=None) -> None:
         runs = [(d, args.tokens, False) for d in bundles]
         if args.stored_math:
             runs += [(d, args.stored_tokens, True) for d in bundles if d != "float32"]
-        reference = None
-        for dtype, n, old in runs:
-            if old:
-                stored_math()
-            times, compute, out = decode_ms(bundles[dtype], args.mode, n)
-            reference = reference or out
+        times: dict[tuple, list[float]] = {}
+        reference, same = None, {}
+        for _ in range(args.rounds):  # interleaved rounds: a shared machine's load shifts evenly
+            for dtype, n, old in runs:
+                dtypes.compute_dtype = ffn.compute_dtype = runtime_model.compute_dtype = (
+                    stored_dtype if old else fast_dtype
+                )
+                t, compute, out = decode_ms(bundles[dtype], args.mode, n)
+                reference = reference or out
+                times.setdefault((dtype, compute), []).extend(t)
+                same[(dtype, compute)] = same.get((dtype, compute), True) and out == reference[:n]
+        for (dtype, compute), t in times.items():
             rows.append(
                 {
                     "bundle_dtype": dtype,
                     "compute_dtype": compute,
                     "mode": args.mode,
-                    "tokens": n,
-                    "ms_per_token_median": statistics.median(times),
-                    "same_tokens_as_first": out == reference[:n],
+                    "tokens": len(t),
+                    "ms_per_token_median": statistics.median(t),
+                    "same_tokens_as_first": same[(dtype, compute)],
                 }
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0]["ms_per_token_median"]
-    print(f"SmolLM2-135M-Instruct (dequantized Q4_1), {args.mode} mode, CPU, {blas_in_use()}")
+    load = os.getloadavg()[0]
+    print(f"SmolLM2-135M-Instruct (dequantized Q4_1), {args.mode} mode, CPU, {blas_in_use()}, load {load:.1f}")
     print(f"{'bundle':>9} {'compute':>9} {'tokens':>6} {'ms/token':>9} {'vs first':>8} {'same tokens':>11}")
     for r in rows:
         ratio = r["ms_per_token_median"] / base
@@ -142,7 +151,7 @@ def main(argv=None) -> None:
             f"{ratio:>7.2f}x {str(r['same_tokens_as_first']):>11}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"blas": blas_in_use(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"blas": blas_in_use(), "load_average": load, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -256,6 +256,13 @@ def make_moe_synthetic(s: dict, out, layers: int, r: Rand, bits, group_size: int
     config = {**qwen3_moe_config(s, layers), "synthetic": meta}
     arch = MoEArch("mlp.switch_mlp", tuple(range(layers)), s["experts"], s["top_k"], s["d"], s["ffn"])
     resident = qwen3_moe_resident(s, layers, r)
+    if bits:  # as mlx-lm's quantized MoE models: embeddings, attention and head quantized too, router float
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+        for name in [k for k, v in resident.items() if v.ndim == 2 and not k.endswith("mlp.gate.weight")]:
+            module = name.removesuffix(".weight")
+            resident[name], resident[f"{module}.scales"], resident[f"{module}.biases"] = mx.quantize(
+                resident[name], group_size=group_size, bits=bits
+            )
     with tempfile.TemporaryDirectory(prefix="mlxflash-synth-tok-") as tok:
         byte_tokenizer(Path(tok), s["vocab"])
         layers_iter = expert_layers(s, layers, r, bits, group_size)

@@ -167,7 +167,9 @@ def load_gguf(path: Path, bits: int | None = None, scale_dtype=np.float16) -> GG
     for t in reader.tensors:
         base = t.name.removesuffix(".weight")
         for suffix, value in _map_tensor(t, target[t.name], scale_dtype, report).items():
-            tensors[f"{base}.{suffix}" if base != t.name else f"{t.name}.{suffix}"] = value
+            # a float tensor not named .weight (qwen2's attention biases) keeps its name
+            plain = base == t.name and suffix == "weight"
+            tensors[t.name if plain else f"{base}.{suffix}"] = value
             mx.eval(value)
     _undo_conversion(arch, tensors, md)
     return GGUFModel(path, tensors, md, report)
@@ -197,18 +199,19 @@ def describe(report: dict[str, quants.TypeReport]) -> list[str]:
     lines = []
     for name, r in sorted(report.items()):
         head = f"{name}: {r.tensors} tensors, {r.weights / 1e6:.1f}M weights"
-        if r.bits == 0:
+        bits = "/".join(str(b) for b in sorted(r.bits))
+        if not r.bits:
             lines.append(f"{head}, kept as float (exact)")
         elif r.exact and r.max_error == 0:
-            lines.append(f"{head} -> {r.bits}-bit groups of 32, exact")
+            lines.append(f"{head} -> {bits}-bit groups of 32, exact")
         elif r.exact:
             lines.append(
-                f"{head} -> {r.bits}-bit groups of 32, codes exact; scale/bias products rounded to the "
-                f"stored float type: max error {r.max_error:.2e} (|w| up to {r.max_abs:.3g})"
+                f"{head} -> {bits}-bit groups of 32, codes exact; scale/bias products rounded to the "
+                f"stored float type: max error {r.max_error:.2e} (|w| up to {r.max_abs:.3g}; --dtype float32 keeps them exact)"
             )
         else:
             lines.append(
-                f"{head} -> requantized to {r.bits}-bit groups of 32: max error {r.max_error:.2e} "
+                f"{head} -> requantized to {bits}-bit groups of 32: max error {r.max_error:.2e} "
                 f"(|w| up to {r.max_abs:.3g})"
             )
     return lines

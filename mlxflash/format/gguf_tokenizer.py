@@ -49,11 +49,18 @@ def _bpe(md: dict):
 
 
 def _sentencepiece(md: dict):
+    from tokenizers import decoders, normalizers
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     fields = GGUF_TOKENIZER_MAPPING["tokenizer"]
     spec = {name: md[f"tokenizer.{key}"] for key, name in fields.items() if f"tokenizer.{key}" in md}
-    tok, _ = convert_gguf_tokenizer(md["general.architecture"], spec)
+    arch = md["general.architecture"]
+    tok, _ = convert_gguf_tokenizer(arch, spec)
+    if md.get("tokenizer.ggml.add_space_prefix") is False and not arch.startswith(("gemma", "phi3")):
+        # transformers' Llama builder always prepends a space; this vocabulary says not to (as Gemma's)
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
 

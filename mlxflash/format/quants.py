@@ -11,7 +11,7 @@ chunks of rows, so no float32 copy of a whole model (or of one large tensor) is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -46,14 +46,15 @@ class TypeReport:
     tensors: int = 0
     weights: int = 0
     exact: bool = True  # codes kept; only float rounding of scale/bias products
-    bits: int = 0
+    bits: set[int] = field(default_factory=set)  # MLX bit widths its tensors went to (empty: float)
     max_error: float = 0.0  # largest |mapped - gguf dequantized| over all weights of the type
     max_abs: float = 0.0  # largest |weight|, for scale
 
     def add(self, rows: int, cols: int, bits: int, err: float, absmax: float) -> None:
         self.tensors += 1
         self.weights += rows * cols
-        self.bits = max(self.bits, bits)
+        if bits:
+            self.bits.add(bits)
         self.max_error = max(self.max_error, err)
         self.max_abs = max(self.max_abs, absmax)
 

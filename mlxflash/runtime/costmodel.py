@@ -124,6 +124,33 @@ REFERENCE_CURVE = DiskCurve(
 )
 
 
+def spot_check(path: str | os.PathLike, chunk_bytes: int, threads: int, reads: int = 256, seed: int = 0) -> float:
+    """GB/s of `reads` random direct reads of `chunk_bytes` (rounded up to a page) with `threads` in
+    flight on the file at `path`, measured now: the curve's level under the machine's present load
+    (a shared machine's disk and CPUs are not what they were when the probe ran). Evicts the file after."""
+    chunk = -(-max(int(chunk_bytes), 1) // 4096) * 4096
+    reader = FlashReader(path, threads=threads)
+    try:
+        if reader.size < chunk:
+            raise ValueError(f"{path}: {reader.size} bytes, smaller than one {chunk}-byte read")
+        _, dest = aligned_buffer(chunk * max(2 * threads, 4))
+        seconds = _timed_reads(
+            reader, reader.size - reader.size % chunk, chunk, reads, dest, np.random.default_rng(seed)
+        )
+    finally:
+        reader.close()
+        evict(path)
+    return reads * chunk / seconds / GB
+
+
+def rescaled(curve: DiskCurve, chunk_bytes: float, threads: int, gbps: float) -> DiskCurve:
+    """The curve's shape with its level set so that (chunk_bytes, threads) reads at `gbps` (a spot check)."""
+    factor = gbps * GB / curve.throughput(chunk_bytes, threads)
+    meta = {**curve.meta, "rescaled": {"chunk": int(chunk_bytes), "threads": threads, "gbps": gbps, "factor": factor}}
+    table = [[v * factor for v in row] for row in curve.gbps]
+    return DiskCurve(curve.chunks, curve.threads, table, curve.sequential_gbps * factor, meta)
+
+
 def predict_io_seconds(nbytes: float, chunk_bytes: float, threads: int, curve: DiskCurve) -> float:
     """Seconds to read `nbytes` in reads of `chunk_bytes` with `threads` in flight."""
     if nbytes <= 0:

@@ -105,6 +105,17 @@ class FFN(nn.Module):
         """h (..., n) of every neuron, in order -> the FFN's output (..., d)."""
         return self._output(self._partial_down(h, w, 0))
 
+    def partial(self, x: mx.array, w: dict[str, mx.array], first: int) -> mx.array:
+        """x (..., d) through neurons first..first+m only (dense weights `w` of those, in order): their
+        share of the output, without the output bias (`finish` adds it once). Hybrid layouts use it."""
+        m = w["up.weight"].shape[0]
+        up_bias = self.up_bias[first : first + m] if "up_bias" in self else None
+        return self._partial_down(self._hidden(x, w, up_bias), w, first)
+
+    def finish(self, y: mx.array) -> mx.array:
+        """The sum of `partial` shares -> the FFN's output (the output bias added)."""
+        return self._output(y)
+
     def _partial_down(self, h: mx.array, w: dict[str, mx.array], first: int) -> mx.array:
         """h (..., m) of neurons first..first+m (dense weights `w` of those, in order) -> their share of
         the output, without the bias. Quantized: the slice starts and ends on down-projection groups."""

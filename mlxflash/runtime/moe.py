@@ -34,6 +34,7 @@ from .moe_plan import MoEPlan, plan_moe
 from .planner import MODES, Budget, choose_mode
 from .reader import SPLIT_BYTES, FlashReader
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
+from .traces import Trace
 
 
 class StreamingExperts(nn.Module):
@@ -48,9 +49,12 @@ class StreamingExperts(nn.Module):
         self._index = ExpertIndex(spec.num_experts, slots, policy)
         self._slots = ExpertSlots(spec, self._index.slots)
         self._pending: mx.array | None = None  # the last output computed from the slots
+        self.routes: list[np.ndarray] | None = None  # when a list, each call's routing (tokens, k) goes here
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         inds = np.array(indices)  # the router's choice, read back once per layer: (..., k)
+        if self.routes is not None:
+            self.routes.append(inds.reshape(-1, inds.shape[-1]))
         if self._pending is not None:  # slots are about to be overwritten: finish what reads them
             mx.eval(self._pending)
         if x.size // x.shape[-1] > 1 and self._prompt_buf is not None:
@@ -175,6 +179,25 @@ class MoERuntime:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def record_routes(model: nn.Module, tokens: list[int], chunk: int = 256) -> Trace:
+    """The router's choices on `tokens` (fed in chunks with a KV cache): a routing trace of width E."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rt: MoERuntime = model.flash
+    for m in rt.experts:
+        m.routes = []
+    cache = make_prompt_cache(model)
+    for lo in range(0, len(tokens), chunk):
+        mx.eval(model(mx.array([tokens[lo : lo + chunk]]), cache=cache))
+    per_layer = [np.concatenate(m.routes) for m in rt.experts]  # (tokens, k) per MoE layer
+    for m in rt.experts:
+        m.routes = None
+    spec = rt.bundle.spec
+    selections = [[layer[t] for layer in per_layer] for t in range(len(tokens))]
+    meta = {"source": f"router of {rt.bundle.path.name}", "top_k": spec.top_k, "layers": [b.layer for b in spec.layers]}
+    return Trace.from_selections(selections, [spec.num_experts] * len(per_layer), **meta)
 
 
 def load_moe_model(
