@@ -144,7 +144,7 @@ def test_flash_ablations_and_mmap(wide, tmp_path):
     one per part), coalescing (reads through gaps). mmap runs under its cgroup cap where one can be made."""
     js = tmp_path / "b.json"
     modes = "mmap,flash-predictor,flash-window,flash-bundle,flash"
-    args = [str(wide), "--memory", "50%", "--modes", modes, "--tokens", "3", "--warmup", "1", "--threads", "2"]
+    args = [str(wide), "--memory", "50%", "--modes", modes, "--tokens", "2", "--warmup", "1", "--threads", "2"]
     assert bench.main([*args, "--rounds", "1", "--json", str(js)]) == 0
     d = json.loads(js.read_text())
     m = {r["mode"]: r for r in d["modes"]}
