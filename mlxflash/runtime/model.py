@@ -24,6 +24,7 @@ from ..format.convert import quant_params
 from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
+from .kv import KVPlan, kv_plan
 from .planner import (
     MODES,
     SELECTORS,
@@ -88,6 +89,7 @@ class FlashRuntime:
     options: FlashOptions | None = None
     selector: Selector | None = None
     ffns: list = field(default_factory=list)
+    kv: KVPlan = field(default_factory=lambda: KVPlan(None, None, 0))
 
     @property
     def ffn_bytes(self) -> int:
@@ -97,6 +99,11 @@ class FlashRuntime:
     def context_length(self) -> int | None:
         return self.bundle.config.get("max_position_embeddings")
 
+    @property
+    def max_kv_size(self) -> int | None:
+        """The tokens a conversation may hold where --max-kv-size bounds it (its KV cache is in the budget)."""
+        return self.kv.tokens
+
     def token_stats(self) -> TokenStats:
         r = self.reader
         neurons = sum(b.neurons for b in self.bundle.spec.layers)
@@ -104,7 +111,12 @@ class FlashRuntime:
 
     def live(self) -> dict:
         """Figures that change as the model runs (cache contents) and the plan's."""
-        out = {"fixed_overhead_bytes": self.fixed_overhead_bytes, "memory_budget": self.plan.budget}
+        out = {
+            "fixed_overhead_bytes": self.fixed_overhead_bytes,
+            "memory_budget": self.plan.budget,
+            "kv_reserved_bytes": self.kv.reserved_bytes,
+            "max_kv_size": self.kv.tokens,
+        }
         if self.mode == "flash":
             caches = [f._cache for f in self.ffns]
             out.update(
@@ -150,6 +162,8 @@ def load_model(
     verify: bool = True,
     threads: int | None = None,
     retain: bool = False,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime.
 
@@ -157,7 +171,8 @@ def load_model(
     threads default to the disk cost model's choice; gap (records read through between needed ones)
     defaults to 0 (only adjacent records are merged), "auto" takes the cost model's: fewer, larger reads
     at the price of more bytes. retain keeps neurons past the window while the cache has room (no reads,
-    more compute; off by default: on the default model it did not improve answers).
+    more compute; off by default: on the default model it did not improve answers). max_kv_size bounds a
+    conversation's tokens and reserves their KV cache (kv_bits: quantized) inside the budget (runtime/kv.py).
     """
     if mode is not None and mode not in MODES:
         raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -165,7 +180,8 @@ def load_model(
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     overhead = current_rss_bytes()  # the runtime itself: Python, MLX, mlx-lm, the tokenizer
-    mode, budget = choose_mode(bundle, mode, memory)
+    kv = kv_plan(bundle.config, max_kv_size, kv_bits)
+    mode, budget = choose_mode(bundle, mode, memory, kv.reserved_bytes)
     config = bundle.config
     if config.get("model_type") not in SUPPORTED:
         raise BundleError(
@@ -184,10 +200,12 @@ def load_model(
     weights = bundle.resident_weights()
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
-    plan = Plan(mode, budget, model_bytes(bundle), resident_weights_bytes(bundle), 0, 0)
-    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan)
+    plan = Plan(mode, budget, model_bytes(bundle), resident_weights_bytes(bundle), 0, 0, kv_bytes=kv.reserved_bytes)
+    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan, kv=kv)
     if mode == "flash":
-        runtime.selector, plan = _plan_flash(bundle, reader, weights, selector, budget, window, density, gate_bits)
+        runtime.selector, plan = _plan_flash(
+            bundle, reader, weights, selector, budget, window, density, gate_bits, kv.reserved_bytes
+        )
         runtime.plan = plan
         runtime.options = FlashOptions(
             window=plan.window,
@@ -254,7 +272,9 @@ def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> 
         block.mlp.set_records(records)
 
 
-def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_bits) -> tuple[Selector, Plan]:
+def _plan_flash(
+    bundle, reader, weights, choice, budget, window, density, gate_bits, kv_bytes=0
+) -> tuple[Selector, Plan]:
     """The selector and the plan. A predictor or gate selector whose density does not fit the budget
     is re-thresholded (predictor: from its score quantiles; gate: top-k) to the largest that does."""
     selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
@@ -265,7 +285,7 @@ def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_b
     )
     try:
         return selector, plan_flash(
-            bundle, budget, selector.kind, selector.resident_bytes, window, explicit, reader.scratch_bytes
+            bundle, budget, selector.kind, selector.resident_bytes, window, explicit, reader.scratch_bytes, kv_bytes
         )
     except TooSmall as e:
         top_k = selector.kind == "gate"  # selects exactly its share: the whole cache may be used
@@ -275,7 +295,9 @@ def _plan_flash(bundle, reader, weights, choice, budget, window, density, gate_b
             raise
         density = fits if top_k else math.floor(fits / MIN_DENSITY) * MIN_DENSITY
         selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
-        plan = plan_flash(bundle, budget, selector.kind, selector.resident_bytes, window, density, reader.scratch_bytes)
+        plan = plan_flash(
+            bundle, budget, selector.kind, selector.resident_bytes, window, density, reader.scratch_bytes, kv_bytes
+        )
         plan.note = (
             f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
         )

@@ -74,6 +74,7 @@ class Plan:
     density: float = 0.0  # expected share of neurons selected per token
     note: str = ""  # what the planner changed to fit the budget
     io: str = ""  # how reads are issued
+    kv_bytes: int = 0  # the KV cache of the context the budget allows (--max-kv-size), else 0 (outside)
 
     @property
     def cache_bytes(self) -> int:
@@ -81,7 +82,7 @@ class Plan:
 
     @property
     def planned_bytes(self) -> int:
-        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes + self.cache_bytes
+        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes + self.cache_bytes + self.kv_bytes
 
     def describe(self) -> str:
         budget = (
@@ -102,6 +103,7 @@ class Plan:
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
+            *([f"  KV cache {_mb(self.kv_bytes)} reserved in the budget (--max-kv-size)"] if self.kv_bytes else []),
         ]
         for extra in (self.io, self.note):
             if extra:
@@ -118,14 +120,18 @@ def resident_weights_bytes(bundle: Bundle) -> int:
     return bundle.resident_bytes - bundle.predictor_bytes
 
 
-def choose_mode(bundle: Bundle, mode: str | None, memory) -> tuple[str, int | None]:
+def choose_mode(bundle: Bundle, mode: str | None, memory, kv_bytes: int = 0) -> tuple[str, int | None]:
+    """The mode and budget; a share (`75%`) is of the weights, and `kv_bytes` (the KV cache --max-kv-size
+    reserves) must fit beside them."""
     total = model_bytes(bundle)
     budget = parse_memory(memory, total) if memory is not None else None
     if mode is None:
-        mode = "flash" if budget is not None and budget < total else "resident"
-    if mode == "resident" and budget is not None and budget < total:
+        mode = "flash" if budget is not None and budget < total + kv_bytes else "resident"
+    if mode == "resident" and budget is not None and budget < total + kv_bytes:
+        kv = f" and its KV cache ({_mb(kv_bytes)}, --max-kv-size)" if kv_bytes else ""
         raise UsageError(
-            f"resident mode needs the whole model ({_mb(total)}) but --memory allows {_mb(budget)}; use --mode flash"
+            f"resident mode needs the whole model ({_mb(total)}){kv}, {_mb(total + kv_bytes)}, but --memory "
+            f"allows {_mb(budget)}; use --mode flash"
         )
     return mode, budget
 
@@ -138,12 +144,13 @@ def plan_flash(
     window: int | None = None,
     density: float | None = None,
     read_scratch: Callable[[int], int] | None = None,
+    kv_bytes: int = 0,
 ) -> Plan:
     """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN).
 
     `density` is the share of neurons the selector will pick (None: as measured at training);
     `read_scratch(largest_read)`: the reader threads' buffers for unaligned direct reads
-    (`FlashReader.scratch_bytes`)."""
+    (`FlashReader.scratch_bytes`); `kv_bytes`: the KV cache the budget must also hold (runtime/kv.py)."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
     slice_bytes, staging = prompt_chunk_rows(spec) * R, staging_bytes(n, R)  # no read is larger than these
@@ -160,6 +167,7 @@ def plan_flash(
         record_bytes=R,
         layers=layers,
         selector=selector,
+        kv_bytes=kv_bytes,
     )
     stats = (spec.selector or {}).get("stats", {}).get(selector, {})
     union = stats.get("window_union") or [] if density is None else []  # union share of n, windows 1..8
@@ -168,13 +176,15 @@ def plan_flash(
     if budget is None:
         plan.capacity = n
     else:
-        fixed = plan.resident_bytes + selector_bytes + prompt_buffer
+        fixed = plan.resident_bytes + selector_bytes + prompt_buffer + kv_bytes
         plan.capacity = min(n, max(0, (budget - fixed) // (layers * R)))
         need = max(1, int(n * max(density, union[0] if union else 0.0)))
         if plan.capacity < need:
             raise TooSmall(
                 f"--memory {_mb(budget)} is too small: {_mb(fixed)} must stay resident (weights "
-                f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, I/O buffers {_mb(prompt_buffer)}) and "
+                f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, I/O buffers {_mb(prompt_buffer)}"
+                + (f", KV cache {_mb(kv_bytes)} for --max-kv-size" if kv_bytes else "")
+                + ") and "
                 f"the cache needs at least {_mb(need * layers * R)} for one token's neurons at density {density:.2f}; "
                 f"the smallest workable budget is about {_mb(fixed + need * layers * R)}",
                 plan,
