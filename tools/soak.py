@@ -166,7 +166,10 @@ def main() -> None:
             time.sleep(2)
             samples.append((round(time.time() - t0, 1), tally.requests, rss_bytes(proc.pid)))
             if len(samples) % 30 == 1:
-                print(f"{samples[-1][0]:7.0f} s  {tally.requests:5d} requests  RSS {samples[-1][2] / 1e6:7.1f} MB", flush=True)
+                print(
+                    f"{samples[-1][0]:7.0f} s  {tally.requests:5d} requests  RSS {samples[-1][2] / 1e6:7.1f} MB",
+                    flush=True,
+                )
         stats = get_json(port, "/v1/stats")
     finally:
         done.set()
