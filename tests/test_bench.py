@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,12 +25,9 @@ def tiny(tmp_path_factory) -> Path:
     )
 
 
-def test_parse_memory():
-    assert bench.parse_memory("50%", 1000) == 500
-    assert bench.parse_memory("2GB", 0) == 2e9
-    assert bench.parse_memory("1GiB", 0) == 2**30
-    with pytest.raises(SystemExit):
-        bench.parse_memory("lots", 0)
+def test_bad_memory_is_refused_with_the_runtimes_message(tiny):
+    with pytest.raises(SystemExit, match=r"bench: --memory 'lots': expected a size like 4GB"):
+        bench.main([str(tiny), "--memory", "lots", "--modes", "naive"])
 
 
 def test_budget_scales_per_layer(tmp_path):
@@ -102,3 +100,42 @@ def test_common_attention_figure_replaces_each_modes_own():
     assert [r.total_ms for r in runs] == [common + 900.0, common + 700.0, common + 100.0]
     assert [r.compute_ms for r in runs] == [common + 10.0] * 3
     assert runs[2].extra["attention_measured_ms"] == 4 * 40.0 + 90.0
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """Wide enough that half of it holds the runtime's buffers and a useful neuron cache."""
+    shape = {"family": "opt", "d": 256, "ffn": 4096, "layers": 2, "heads": 4, "vocab": 256, "max_pos": 64}
+    out = tmp_path_factory.mktemp("w") / "opt"
+    return make_synthetic.make_synthetic(shape, out, dtype="float32", rank=0, progress=False)
+
+
+def test_flash_ablations_and_mmap(wide, tmp_path):
+    """Each ablation turns one mechanism off: the window (reuse), bundling (one read per record instead of
+    one per part), coalescing (reads through gaps). mmap runs under its cgroup cap where one can be made."""
+    js = tmp_path / "b.json"
+    modes = "mmap,flash-predictor,flash-window,flash-bundle,flash"
+    args = [str(wide), "--memory", "50%", "--modes", modes, "--tokens", "3", "--warmup", "1", "--threads", "2"]
+    assert bench.main([*args, "--json", str(js)]) == 0
+    d = json.loads(js.read_text())
+    m = {r["mode"]: r for r in d["modes"]}
+    flash = [m[k] for k in ("flash-predictor", "flash-window", "flash-bundle", "flash")]
+    for r in flash:
+        assert r["skipped"] is None, r
+        assert r["extra"]["planned_bytes"] <= r["extra"]["memory_budget"] and r["io_mode"] == "O_DIRECT"
+    predictor, window, bundle, coalesced = flash
+    assert predictor["extra"]["window"] == 0 and window["extra"]["window"] >= 1
+    assert window["extra"]["window"] == bundle["extra"]["window"] == coalesced["extra"]["window"]
+    assert predictor["bytes_per_token"] > window["bytes_per_token"]  # the window reuses cached neurons
+    assert window["bytes_per_token"] == bundle["bytes_per_token"]  # bundling reads the same records...
+    assert window["reads_per_token"] == 2 * bundle["reads_per_token"]  # ...in one read, not up and down apart
+    assert coalesced["reads_per_token"] < bundle["reads_per_token"]  # coalescing: fewer, larger reads
+    assert coalesced["bytes_per_token"] >= bundle["bytes_per_token"]
+    mmap = m["mmap"]
+    if os.geteuid() != 0 or sys.platform != "linux":  # the cap needs root's cgroup memory controller
+        assert "cgroup" in mmap["skipped"]
+        return
+    assert mmap["skipped"] is None, mmap
+    assert mmap["io_mode"] == "mmap (page cache, default read-ahead)" and "memory" in mmap["note"]
+    assert mmap["dram_bytes"] == d["budget"]["budget"] == predictor["extra"]["memory_budget"]
+    assert mmap["total_ms"] > 0 and mmap["bytes_per_token"] == mmap["disk_bytes_per_token"]

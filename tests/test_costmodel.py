@@ -57,14 +57,6 @@ def test_plan_io_picks_the_fewest_threads_near_the_best():
     assert cm.plan_io(c, 32768, max_threads=4).threads == 4
 
 
-def test_choose_window():
-    union = [0.10, 0.15, 0.19, 0.22, 0.24, 0.26]
-    layer_neurons, record = [1000] * 4, 100  # 400 KB if every neuron were cached
-    assert cm.choose_window(0.24 * 400_000, layer_neurons, record, union) == 5
-    assert cm.choose_window(0.05 * 400_000, layer_neurons, record, union) == 0
-    assert cm.choose_window(1e12, layer_neurons, [100] * 4, union) == 6
-
-
 def test_json_round_trip(tmp_path):
     c = flat_curve()
     c.meta = {"io_mode": "O_DIRECT"}
@@ -85,17 +77,3 @@ def test_tiny_probe_measures_something(tmp_path):
     g = np.asarray(curve.gbps)
     assert g.shape == (2, 2) and np.all(g > 0) and curve.sequential_gbps > 0
     assert curve.meta["file_bytes"] == 8 << 20
-
-
-def test_plan_window_with_trace_statistics():
-    from mlxflash.runtime import traces
-
-    stats = traces.window_stats(traces.generate_trace([2048], tokens=40), max_window=6)
-    curve = cm.REFERENCE_CURVE
-    neurons, record = [2048] * 4, 32768
-    budget = 0.24 * sum(neurons) * record  # about the paper's window of 5
-    plan = cm.plan_window(curve, budget, neurons, record, stats["union_p99"], stats["new_mean"])
-    assert 3 <= plan.window <= 6 and plan.threads >= 8
-    expected = stats["new_mean"][plan.window - 1] * sum(neurons) * record / curve.throughput(record, plan.threads)
-    assert plan.io_seconds == pytest.approx(expected)
-    assert cm.plan_window(curve, 0, neurons, record, stats["union_p99"], stats["new_mean"]).window == 0

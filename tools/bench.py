@@ -66,9 +66,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlxflash.arch.activations import ACTIVATIONS
+from mlxflash.errors import UsageError
 from mlxflash.format.bundle import Bundle, dtype_name, mx_dtype
+from mlxflash.format.quant import transpose_packed
 from mlxflash.runtime import costmodel
-from mlxflash.runtime.ffn import ACTIVATIONS, transpose_packed
+from mlxflash.runtime.planner import parse_memory
 from mlxflash.runtime.reader import FlashReader, aligned_buffer
 
 BASELINES = ("naive", "hybrid", "mmap", "resident")
@@ -86,18 +89,6 @@ GB = 1e9
 
 
 # ---- budget ----
-
-
-def parse_memory(text: str, model_bytes: float) -> float:
-    """'50%' of the model, or a size: 4GB, 6GiB, 512MB, plain bytes."""
-    t = text.strip()
-    if t.endswith("%"):
-        return float(t[:-1]) / 100 * model_bytes
-    m = re.fullmatch(r"([\d.]+)\s*([kmgt]?)(i?)b?", t.lower())
-    if not m:
-        raise SystemExit(f"--memory {text!r}: expected a size like 4GB or a percentage like 50%")
-    power = " kmgt".index(m.group(2) or " ")
-    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
 
 
 @dataclass
@@ -767,11 +758,6 @@ def parse_child(mode: str, p: subprocess.CompletedProcess, how: str) -> ModeResu
 def skip_reason(mode: str, bundle: Bundle, budget: Budget) -> str | None:
     if mode == "resident" and budget.model_bytes > budget.budget:
         return f"does not fit the budget ({budget.model_bytes / GB:.2f} GB > {budget.budget / GB:.2f} GB)"
-    if mode.startswith("flash"):
-        from mlxflash.runtime import model as runtime
-
-        if "flash" not in getattr(runtime, "MODES", ()):
-            return "flash mode not in this runtime yet (issue 3); wired, skipped"
     return None
 
 
@@ -970,7 +956,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(ALL_MODES)})")
     bundle = Bundle.open(args.bundle, verify=False)
-    budget = resolve_budget(bundle, args.memory)
+    try:
+        budget = resolve_budget(bundle, args.memory)
+    except UsageError as e:
+        raise SystemExit(f"bench: {e}") from e
     curve = costmodel.DiskCurve.load_or_default(args.curve)
     results = []
     for mode in modes:

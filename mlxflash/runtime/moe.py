@@ -31,7 +31,7 @@ from .costmodel import DiskCurve, plan_io
 from .experts import ExpertIndex, ExpertSlots, switch_glu
 from .model import CACHE_LIMIT, _load_resident
 from .moe_plan import MoEPlan, plan_moe
-from .planner import MODES, choose_mode
+from .planner import MODES, Budget, choose_mode
 from .reader import SPLIT_BYTES, FlashReader
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 from .traces import Trace
@@ -226,7 +226,8 @@ def load_moe_model(
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     overhead = current_rss_bytes()
-    mode, budget = choose_mode(bundle, mode, memory)
+    parsed = Budget.of(bundle, memory)
+    mode, budget = choose_mode(parsed, mode), parsed.bytes
     curve = DiskCurve.load_or_default()
     reader = FlashReader(
         bundle.ffn_path, threads=threads or plan_io(curve, min(bundle.spec.record.nbytes, SPLIT_BYTES)).threads

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from ..errors import UsageError
 from ..format.bundle import Bundle, update_resident
+from ..format.selector_record import SelectionStats, SelectorRecord
 from .ffn import NaiveFFN
 from .model import load_model
 from .planner import MAX_WINDOW
@@ -54,9 +56,9 @@ class _Recorder(nn.Module):
     """Wraps a layer's FFN: passes x through and records x and the layer's target signals: ReLU FFNs,
     which neurons are non-zero; gated FFNs, |silu(gate . x)| (the gate) and, with `activation`, |h|."""
 
-    def __init__(self, ffn, gated: bool, activation: bool):
+    def __init__(self, ffn, gated: bool, activation: bool, keep_inputs: bool = True):
         super().__init__()
-        self.ffn, self.gated, self.activation = ffn, gated, activation
+        self.ffn, self.gated, self.activation, self.keep_inputs = ffn, gated, activation, keep_inputs
         self.inputs: list[np.ndarray] = []
         self.signal: list[np.ndarray] = []
         self.gate: list[np.ndarray] = []
@@ -67,7 +69,8 @@ class _Recorder(nn.Module):
         y = self.ffn.down(h, w)  # the same output as ffn.dense, without computing h twice
         mx.eval(y, h)
         d, n = x.shape[-1], h.shape[-1]
-        self.inputs.append(np.asarray(x.reshape(-1, d).astype(mx.float16)))
+        if self.keep_inputs:
+            self.inputs.append(np.asarray(x.reshape(-1, d).astype(mx.float16)))
         if not self.gated:
             self.signal.append(np.asarray((h != 0).reshape(-1, n)))
         elif self.activation:
@@ -90,21 +93,36 @@ def tokenize_text(tokenizer, path: Path, tokens: int) -> list[int]:
     return ids
 
 
-def collect(model, ids: list[int], gated: bool, context: int, activation: bool = False) -> tuple[list, list, list]:
-    """Run the dense model over `ids` in windows of `context`; per layer (N, d) inputs, (N, n) signal
-    (ReLU: h != 0; gated, with `activation`: |h|; else None) and, gated FFNs only, (N, n) gate magnitudes."""
+def collect(
+    model, ids: list[int], gated: bool, context: int, activation: bool = False, keep_inputs: bool = True
+) -> tuple[list, list, list]:
+    """Run the dense model over `ids` in windows of `context`; per layer (N, d) inputs (None without
+    `keep_inputs`), (N, n) signal (ReLU: h != 0; gated, with `activation`: |h|; else None) and, gated FFNs
+    only, (N, n) gate magnitudes. After the first window it prints how long the rest will take."""
     layers = model.model.layers
-    recorders = [_Recorder(block.mlp, gated, activation) for block in layers]
+    recorders = [_Recorder(block.mlp, gated, activation, keep_inputs) for block in layers]
     for block, rec in zip(layers, recorders):
         block.mlp = rec
+    starts = range(0, len(ids), context)
     try:
-        for start in tqdm(range(0, len(ids), context), desc="collect", unit="window"):
-            mx.eval(model(mx.array(ids[start : start + context])[None]))
+        for i, start in enumerate(tqdm(starts, desc="collect", unit="window")):
+            t0 = time.perf_counter()
+            # the backbone only: the LM head's logits (a fifth of a small model's work) are not needed
+            mx.eval(model.model(mx.array(ids[start : start + context])[None]))
+            if i == 0 and len(starts) > 1:
+                left = (time.perf_counter() - t0) * (len(starts) - 1)
+                tqdm.write(
+                    f"mlxflash: calibration: first window {time.perf_counter() - t0:.1f} s, about {_duration(left)} left"
+                )
     finally:
         for block, rec in zip(layers, recorders):
             block.mlp = rec.ffn
     join = lambda parts: np.concatenate(parts) if parts else None  # noqa: E731
     return [join(r.inputs) for r in recorders], [join(r.signal) for r in recorders], [join(r.gate) for r in recorders]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def balanced_loss(logits: mx.array, target: mx.array) -> mx.array:
@@ -227,27 +245,88 @@ def train_predictors(
         weights[prefix + "a.weight"] = predictor.a.weight.astype(mx.float16)
         weights[prefix + "b.weight"] = predictor.b.weight.astype(mx.float16)
         weights[prefix + "b.bias"] = predictor.b.bias.astype(mx.float16)
-    recorded = {
-        "kind": selector,
-        "target": target if gated else "nonzero",
-        "rank": [rank] * bundle.num_layers,
-        "predictor_threshold": pred_thresholds,
-        "density_grid": DENSITY_GRID.tolist(),
-        "score_quantiles": score_quantiles,
-        "target_recall": recall,
-        "trained_on": {
+    recorded = SelectorRecord(
+        kind=selector,
+        target=target if gated else "nonzero",
+        rank=[rank] * bundle.num_layers,
+        predictor_threshold=pred_thresholds,
+        density_grid=DENSITY_GRID.tolist(),
+        score_quantiles=score_quantiles,
+        target_recall=recall,
+        trained_on={
             "text": Path(text).name,
             "tokens": len(ids),
             "heldout_tokens": len(ids) - split,
             "seconds": round(time.perf_counter() - t0, 1),
         },
-        "stats": {"predictor": _selection_stats(pred_masks)},
-    }
+        stats={"predictor": selection_stats(pred_masks)},
+    )
     if gated:
-        recorded.update(gate_threshold=gate_thresholds, gate_density=density, gate_bits=gate_bits)
-        recorded["stats"]["gate"] = _selection_stats(gate_masks)
-    update_resident(bundle, weights, recorded)
+        recorded.gate_threshold, recorded.gate_density, recorded.gate_bits = gate_thresholds, density, gate_bits
+        recorded.stats["gate"] = selection_stats(gate_masks)
+    write_selector(bundle, weights, recorded)
     return reports
+
+
+def write_selector(bundle: Bundle, weights: dict[str, mx.array], recorded: SelectorRecord) -> None:
+    """update_resident with SIGINT/SIGTERM held off: an interrupt cannot land between its two renames
+    (new resident file, old config), which would leave a bundle whose checksum no longer matches."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        update_resident(bundle, weights, recorded)
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def calibrate_gate(
+    bundle_path: Path,
+    text: Path,
+    tokens: int = 4096,
+    density: float = 0.5,
+    context: int = 256,
+    gate_bits: int | None = None,
+    heldout: float = 0.15,
+) -> list[float]:
+    """Calibrate the gate selector alone (gated FFNs): per-layer |silu(gate . x)| thresholds for `density`
+    and the window unions the planner uses. It trains no predictor (the gate selector never reads one),
+    so it costs one dense pass over the text and no more; the selector is written as in train_predictors.
+    Returns each layer's share of neurons its threshold selects on the held-out tokens."""
+    if not 0 < density <= 1:
+        raise UsageError(f"--density {density}: must be within (0, 1]")
+    bundle = Bundle.open(bundle_path)
+    spec = bundle.spec
+    if not (spec.gated and spec.activation != "relu"):
+        raise UsageError(f"{bundle_path}: the gate selector needs a gated (SwiGLU) FFN")
+    model, tokenizer = load_model(bundle_path, mode="resident", verify=False)
+    ids = tokenize_text(tokenizer, Path(text), tokens)
+    t0 = time.perf_counter()
+    context = min(context, bundle.config.get("max_position_embeddings") or context)
+    _, _, gate_signals = collect(model, ids, True, context, keep_inputs=False)
+    model.flash.close()
+    split = int(len(ids) * (1 - heldout))
+    thresholds, masks = [], []
+    for magnitude in gate_signals:
+        chosen, thr = _top_share(magnitude, split, density)
+        thresholds.append(thr)
+        masks.append(chosen[split:])
+    recorded = SelectorRecord(
+        kind="gate",
+        target="gate",
+        gate_threshold=thresholds,
+        gate_density=density,
+        gate_bits=gate_bits,
+        trained_on={
+            "text": Path(text).name,
+            "tokens": len(ids),
+            "heldout_tokens": len(ids) - split,
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+        stats={"gate": selection_stats(masks)},
+    )
+    write_selector(bundle, {}, recorded)
+    return [float(m.mean()) for m in masks]
 
 
 def _top_share(magnitude: np.ndarray, split: int, density: float) -> tuple[np.ndarray, float]:
@@ -256,9 +335,10 @@ def _top_share(magnitude: np.ndarray, split: int, density: float) -> tuple[np.nd
     return magnitude > thr, thr
 
 
-def _selection_stats(masks: list[np.ndarray]) -> dict:
+def selection_stats(masks: list[np.ndarray]) -> SelectionStats:
+    """Per layer (tokens, n) selections -> the mean density and the worst layer's window unions."""
     unions = np.array([window_union(m) for m in masks])  # (layers, windows)
-    return {"density": float(np.mean([m.mean() for m in masks])), "window_union": unions.max(axis=0).tolist()}
+    return SelectionStats(float(np.mean([m.mean() for m in masks])), tuple(unions.max(axis=0).tolist()))
 
 
 def _report(layer: int, chosen: np.ndarray, target: np.ndarray) -> LayerReport:
