@@ -25,9 +25,12 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..format.bundle import Bundle
+from ..format.moe import MoEBundle
 from .cache import staging_bytes
+from .moe_plan import MoEPlan, plan_moe
 from .reader import FlashReader
 from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_selector, predictor_selector
+from .traces import Trace
 
 MODES = ("resident", "naive", "flash")
 SELECTORS = ("predictor", "gate", "all")
@@ -180,12 +183,29 @@ class PlanRequest:
     window: int | None = None
     density: float | None = None
     gate_bits: int | None = None
+    policy: str = "lru"  # MoE bundles: the expert cache's eviction policy
+    slots: int | None = None  # MoE bundles: expert slots per layer (None: what the budget allows)
+    routing: Trace | None = None  # MoE bundles: a routing trace to expect hit rates on (None: the generator)
 
 
-def plan(bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader) -> tuple[Selector | None, Plan]:
+def plan(
+    bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader
+) -> tuple[Selector | None, Plan | MoEPlan]:
     """The mode, and in flash mode the selector and the cache plan. `reader` reads the gate selector's
     rows and sizes its scratch buffers. Raises TooSmall when not even one token's neurons fit."""
     mode = choose_mode(budget, request.mode)
+    if isinstance(bundle, MoEBundle):  # experts, not neurons: moe_plan sizes the expert slots
+        return None, plan_moe(
+            bundle,
+            mode,
+            budget.bytes,
+            request.policy,
+            reader.threads,
+            None,
+            request.routing,
+            reader.scratch_bytes,
+            request.slots,
+        )
     if mode != "flash":
         return None, Plan(mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0)
     selector = make_selector(bundle, reader, request.selector, request.density, request.gate_bits)
