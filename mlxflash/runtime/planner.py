@@ -27,9 +27,12 @@ import mlx.core as mx
 
 from ..errors import UsageError
 from ..format.bundle import Bundle
+from ..format.moe import MoEBundle
 from .cache import staging_bytes
+from .moe_plan import MoEPlan, plan_moe
 from .reader import FlashReader
 from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_selector, predictor_selector
+from .traces import Trace
 
 MODES = ("resident", "naive", "flash")
 SELECTORS = ("predictor", "gate", "all")
@@ -188,17 +191,38 @@ class PlanRequest:
     window: int | None = None
     density: float | None = None
     gate_bits: int | None = None
+    policy: str = "lru"  # MoE bundles: the expert cache's eviction policy
+    slots: int | None = None  # MoE bundles: expert slots per layer (None: what the budget allows)
+    routing: Trace | None = None  # MoE bundles: a routing trace to expect hit rates on (None: the generator)
 
 
 def plan(
-    bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader, weights: dict[str, mx.array]
-) -> tuple[Selector | None, Plan]:
+    bundle: Bundle,
+    budget: Budget,
+    request: PlanRequest,
+    reader: FlashReader,
+    weights: dict[str, mx.array] | None = None,
+) -> tuple[Selector | None, Plan | MoEPlan]:
     """The mode, and in flash mode the selector and the cache plan. `reader` reads the gate selector's
     rows and sizes its scratch buffers; `weights` are the resident tensors in the compute dtype (the
-    predictors among them). Raises TooSmall when not even one token's neurons fit."""
+    predictors among them; not needed for an MoE bundle). Raises TooSmall when not even one token's neurons fit."""
     mode = choose_mode(budget, request.mode)
+    if isinstance(bundle, MoEBundle):  # experts, not neurons: moe_plan sizes the expert slots
+        return None, plan_moe(
+            bundle,
+            mode,
+            budget.bytes,
+            request.policy,
+            reader.threads,
+            None,
+            request.routing,
+            reader.scratch_bytes,
+            request.slots,
+        )
     if mode != "flash":
-        return None, Plan(mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0)
+        return None, Plan(
+            mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0, kv_bytes=budget.kv_bytes
+        )
     selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
     try:
         return selector, _size_flash(bundle, budget, selector, request.window, reader)
