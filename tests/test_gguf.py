@@ -45,6 +45,11 @@ def blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator, scale: floa
     return raw.reshape(rows, cols // block * size)
 
 
+def _half_ulp16(x: np.ndarray) -> np.ndarray:
+    """The most float16 rounding moves x: 2^-11 relative, 2^-25 absolute among subnormals."""
+    return np.maximum(np.abs(x.astype(np.float32)) * 2**-11, 2**-25)
+
+
 def dequantized(a: quants.Affine) -> np.ndarray:
     s, b = mx.array(a.scales.astype(np.float32)), mx.array(a.biases.astype(np.float32))
     return np.array(mx.dequantize(mx.array(a.weight), s, b, group_size=32, bits=a.bits))
@@ -68,10 +73,10 @@ def test_exact_types_equal_gguf_dequantize(qtype, rows, blocks_per_row, seed):
     else:
         np.testing.assert_array_equal(got, want)
     assert err == pytest.approx(float(np.abs(got - want).max()), abs=1e-12)
-    # float16 scales and biases: each rounded once, so a weight moves by at most 2^-11 of |s*q| + |b|
+    # float16 scales and biases: each rounded once (half an ulp), so a weight moves by at most q*ds + db
     a16, err16, _ = quants.map_exact(qtype, raw, cols, quants.EXACT_BITS[qtype], np.float16)
     codes = quants.unpack(a.weight, a.bits).reshape(rows, -1, 32).astype(np.float32)
-    bound = (np.abs(a.scales)[..., None] * codes + np.abs(a.biases)[..., None]) * 2**-11
+    bound = _half_ulp16(a.scales)[..., None] * codes + _half_ulp16(a.biases)[..., None]
     assert (np.abs(dequantized(a16) - want).reshape(bound.shape) <= bound * 1.0001 + 1e-12).all()
     assert err16 == pytest.approx(float(np.abs(dequantized(a16) - want).max()), rel=1e-6)
 
@@ -92,7 +97,7 @@ def test_requantized_types_within_a_step(qtype, bits, rows, seed):
     got = dequantized(a)
     # The stated bound: one step of the stored group scale, plus float16 rounding of scale and bias.
     s, b = np.abs(a.scales.astype(np.float32))[..., None], np.abs(a.biases.astype(np.float32))[..., None]
-    bound = s * (1 + (2**bits - 1) * 2**-11) + b * 2**-11
+    bound = s + (2**bits - 1) * _half_ulp16(s) + _half_ulp16(b)
     assert (np.abs(got - want).reshape(rows, -1, 32) <= bound + 1e-7).all()
     assert err == pytest.approx(float(np.abs(got - want).max()), rel=1e-5)
 
