@@ -209,6 +209,60 @@ def test_budget_decides_mode_and_refuses_too_small(bundles):
         mlxflash.load(path, mode="resident", memory="50%")
 
 
+def _recorded(path, tmp_path, record, extra=None):
+    """A copy of the bundle with `record` (and tensors `extra`) written in, and the budget that leaves
+    48 cached neurons per layer with the record's own selector."""
+    import shutil
+
+    from mlxflash.format.bundle import update_resident
+
+    path = shutil.copytree(path, tmp_path / "b")
+    update_resident(Bundle.open(path), extra or {}, record)
+    free = mlxflash.load(path, mode="flash", threads=1)[0].flash.plan  # no budget: every row cached
+    return path, free.fixed_bytes + 48 * free.record_bytes * free.layers
+
+
+def test_a_gate_selector_too_dense_for_the_budget_becomes_top_k(bundles, tmp_path):
+    from mlxflash.format.selector_record import SelectionStats, SelectorRecord
+
+    stats = {"gate": SelectionStats(0.9, (0.9,) * 8)}
+    record = SelectorRecord(kind="gate", gate_threshold=[0.0, 0.0], gate_density=0.9, stats=stats)
+    path, budget = _recorded(bundles["llama"], tmp_path, record)
+    model, _ = mlxflash.load(path, memory=budget, threads=1)
+    plan, selector = model.flash.plan, model.flash.selector
+    assert plan.capacity == 48 and selector.top_k == 48  # 90% of 128 neurons do not fit 48 rows: the top 48
+    assert plan.density == 48 / 128 and plan.window == 1
+    assert plan.note == "gate selector set to density 0.38 (trained at 0.90) to fit the budget"
+
+
+def test_a_predictor_too_dense_for_the_budget_is_rethresholded_from_its_quantiles(bundles, tmp_path):
+    from mlxflash.format.selector_record import SelectionStats, SelectorRecord
+    from mlxflash.runtime.selectors import predictor_prefix
+
+    grid = [round(0.05 * i, 2) for i in range(1, 20)]
+    quantiles = [[3.0 - 0.1 * i - layer for i in range(19)] for layer in range(2)]  # per layer, per density
+    record = SelectorRecord(
+        kind="predictor",
+        rank=[8, 8],
+        predictor_threshold=[0.5, 0.5],
+        density_grid=grid,
+        score_quantiles=quantiles,
+        stats={"predictor": SelectionStats(0.9, (0.9,) * 8)},
+    )
+    mx.random.seed(0)
+    shapes = {"a.weight": (8, 64), "b.weight": (128, 8), "b.bias": (128,)}
+    extra = {
+        predictor_prefix(i) + k: mx.random.normal(s).astype(mx.float16) for i in range(2) for k, s in shapes.items()
+    }
+    path, budget = _recorded(bundles["llama"], tmp_path, record, extra)
+    model, _ = mlxflash.load(path, memory=budget, threads=1)
+    plan, selector = model.flash.plan, model.flash.selector
+    # 48 of 128 rows, aimed 10% below, on the 0.05 grid: 0.30
+    assert plan.capacity == 48 and selector.density == pytest.approx(0.30) and plan.density == selector.density
+    assert selector.logit == pytest.approx([np.interp(0.30, grid, q) for q in quantiles])
+    assert plan.note == "predictor selector set to density 0.30 (trained at 0.90) to fit the budget"
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "mlxflash.cli", *map(str, args)], capture_output=True, text=True)
 
