@@ -52,6 +52,7 @@ from benchlib.budget import Budget, resolve_budget  # noqa: E402
 from benchlib.drivers import DRIVERS, FlashDriver, make_driver, resident_weights_of  # noqa: E402
 from benchlib.measure import ModeResult, attention_seconds, summarize, time_tokens  # noqa: E402
 
+from mlxflash.errors import UsageError  # noqa: E402
 from mlxflash.format.bundle import Bundle  # noqa: E402
 from mlxflash.format.moe import is_moe_bundle  # noqa: E402
 from mlxflash.runtime import costmodel  # noqa: E402
@@ -154,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(DRIVERS)})")
     bundle = Bundle.open(args.bundle, verify=False)
-    budget = resolve_budget(bundle, args.memory)
+    try:
+        budget = resolve_budget(bundle, args.memory)
+    except UsageError as e:  # a bad --memory: one line, not a traceback
+        raise SystemExit(f"bench: {e}") from e
     curve = costmodel.DiskCurve.load_or_default(args.curve)
     results = run_rounds(modes, args, bundle, budget)
     report.add_speedups(results)
