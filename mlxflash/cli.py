@@ -148,8 +148,8 @@ def _fetch(args) -> None:
 
 
 def _add_frontends(sub) -> None:
+    from .serve.app import add_serve
     from .serve.chat import add_chat
-    from .serve.server import add_serve
 
     add_serve(sub)
     add_chat(sub)

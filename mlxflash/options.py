@@ -5,9 +5,21 @@ from __future__ import annotations
 
 import argparse
 
+from .runtime.kv import KV_BITS
 from .runtime.planner import MODES, SELECTORS
 
-_LOAD_KEYS = ("mode", "memory", "selector", "window", "density", "gate_bits", "threads", "gap")
+_LOAD_KEYS = (
+    "mode",
+    "memory",
+    "selector",
+    "window",
+    "density",
+    "gate_bits",
+    "threads",
+    "gap",
+    "max_kv_size",
+    "kv_bits",
+)
 
 
 def _gap(value: str) -> int | str:
@@ -34,6 +46,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, help="reads in flight (default: from the disk cost model)")
     p.add_argument("--gap", type=_gap, help="flash: records read through between needed ones (auto: the cost model's)")
+    p.add_argument(
+        "--max-kv-size",
+        type=int,
+        help="tokens a conversation may hold; their KV cache is reserved inside --memory (longer ones are refused)",
+    )
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="store the KV cache quantized to this many bits")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification at load")
 
 

@@ -91,5 +91,8 @@ def test_spot_check_measures_the_file_now(tmp_path):
     f = cm.make_scratch(tmp_path / "scratch", 4 << 20)
     gbps = cm.spot_check(f, 10_000, threads=2, reads=32)  # rounded up to 12 KiB reads
     assert 0 < gbps < 1000
-    with pytest.raises(ValueError, match="smaller than one"):
-        cm.spot_check(f, 8 << 20, threads=1)
+    assert cm.spot_check(f, 8 << 20, threads=1, reads=4) > 0  # clamped to the file
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 1000)
+    with pytest.raises(ValueError, match="smaller than one page"):
+        cm.spot_check(small, 4096, threads=1)

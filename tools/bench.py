@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_moe  # noqa: E402
+import bench_moe  # noqa: E402  (mixture-of-experts bundles: naive, mmap and flash with the expert cache)
 from benchlib import isolation, report  # noqa: E402
 from benchlib.budget import Budget, resolve_budget  # noqa: E402
 from benchlib.drivers import DRIVERS, FlashDriver, make_driver, resident_weights_of  # noqa: E402
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     if any(is_moe_bundle(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")):
-        return bench_moe.main(argv)  # mixture-of-experts bundles: naive, mmap and flash with the expert cache
+        return bench_moe.main(argv)
     args = parse_args(argv)
     if args.child:
         isolation.report_to_parent(run_mode(args.child, args))

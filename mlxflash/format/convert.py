@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
 from ..arch.registry import (
@@ -29,7 +30,6 @@ from ..arch.registry import (
     Architecture,
     architecture,
     as_text_model,
-    model_classes,
     resolve_activation,
 )
 from ..errors import ConvertError
@@ -164,7 +164,7 @@ def _refuse_moe(config: dict, where: Path) -> None:
     if not any(isinstance(config.get(k), int) and config[k] > 0 for k in MOE_KEYS):
         return
     try:
-        model_class, args_class = model_classes(config)
+        model_class, args_class = _get_classes(config)  # mlx-lm's own class: the registry does not list it
         model = model_class(args_class.from_dict(config))
     except (ValueError, TypeError, KeyError, AttributeError):
         return  # mlx-lm has no such model: the plain "unsupported architecture" message says it

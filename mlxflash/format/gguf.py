@@ -2,7 +2,7 @@
 
 Every tensor comes out in MLX's layout under its GGUF name: float tensors as arrays, quantized ones
 as `name.weight` (packed uint32 codes), `name.scales`, `name.biases` (affine, groups of 32), the
-layout `mx.load` gives the types it knows. quants.py does the block mapping; this module decides
+layout `mx.load` gives the types it knows. gguf_blocks.py does the block mapping; this module decides
 each tensor's target, undoes llama.cpp's conversion-time changes (Gemma's norms, Phi-3's fused
 gate/up) and names tensors for mlx-lm.
 """
@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, ReaderTensor
 
 from ..errors import ConvertError
-from . import quants
+from . import gguf_blocks as blocks
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
 _TENSOR_NAMES = {
@@ -55,7 +55,7 @@ class GGUFModel:
     path: Path
     tensors: dict[str, mx.array]
     metadata: dict
-    report: dict[str, quants.TypeReport] = field(default_factory=dict)
+    report: dict[str, blocks.TypeReport] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -88,15 +88,15 @@ def _rows_cols(t: ReaderTensor) -> tuple[tuple[int, ...], int]:
 
 def _natural_bits(t: ReaderTensor, bits: int | None) -> int | None:
     """The MLX bits a tensor maps to on its own (None: stays float)."""
-    if t.tensor_type in quants.EXACT_BITS:
-        return quants.EXACT_BITS[t.tensor_type]
-    if t.tensor_type in quants.REQUANT_BITS:
-        return bits or quants.REQUANT_BITS[t.tensor_type]
-    if t.tensor_type in quants.FLOAT_TYPES:
+    if t.tensor_type in blocks.EXACT_BITS:
+        return blocks.EXACT_BITS[t.tensor_type]
+    if t.tensor_type in blocks.REQUANT_BITS:
+        return bits or blocks.REQUANT_BITS[t.tensor_type]
+    if t.tensor_type in blocks.FLOAT_TYPES:
         return None
     raise ConvertError(
         f"tensor {t.name}: GGUF type {t.tensor_type.name} is not supported "
-        f"(supported: {', '.join(q.name for q in quants.SUPPORTED)})"
+        f"(supported: {', '.join(q.name for q in blocks.SUPPORTED)})"
     )
 
 
@@ -131,16 +131,16 @@ def _map_tensor(t: ReaderTensor, bits: int | None, scale_dtype, report: dict) ->
             w = mx.array(np.asarray(data).view(np.uint16)).view(mx.bfloat16)
         else:
             w = mx.array(np.asarray(data))
-        report.setdefault(t.tensor_type.name, quants.TypeReport()).add(rows, cols, 0, 0.0, 0.0)
+        report.setdefault(t.tensor_type.name, blocks.TypeReport()).add(rows, cols, 0, 0.0, 0.0)
         return {"weight": w.reshape(*lead, cols) if lead else w.reshape(cols)}
-    if cols % quants.GROUP:
-        raise ConvertError(f"tensor {t.name}: rows of {cols} weights do not split into groups of {quants.GROUP}")
+    if cols % blocks.GROUP:
+        raise ConvertError(f"tensor {t.name}: rows of {cols} weights do not split into groups of {blocks.GROUP}")
     raw = data.reshape(rows, -1)
-    if t.tensor_type in quants.EXACT_BITS:
-        a, err, absmax = quants.map_exact(t.tensor_type, raw, cols, bits, scale_dtype)
+    if t.tensor_type in blocks.EXACT_BITS:
+        a, err, absmax = blocks.map_exact(t.tensor_type, raw, cols, bits, scale_dtype)
     else:
-        a, err, absmax = quants.requantize(t.tensor_type, raw, cols, bits, scale_dtype)
-    entry = report.setdefault(t.tensor_type.name, quants.TypeReport(exact=t.tensor_type in quants.EXACT_BITS))
+        a, err, absmax = blocks.requantize(t.tensor_type, raw, cols, bits, scale_dtype)
+    entry = report.setdefault(t.tensor_type.name, blocks.TypeReport(exact=t.tensor_type in blocks.EXACT_BITS))
     entry.add(rows, cols, bits, err, absmax)
     return {
         "weight": mx.array(a.weight).reshape(*lead, -1),
@@ -162,7 +162,7 @@ def load_gguf(path: Path, bits: int | None = None, scale_dtype=np.float16) -> GG
         target = _targets(reader.tensors, bits)
     except ConvertError as e:
         raise ConvertError(f"{path}: {e}") from e
-    report: dict[str, quants.TypeReport] = {}
+    report: dict[str, blocks.TypeReport] = {}
     tensors: dict[str, mx.array] = {}
     for t in reader.tensors:
         base = t.name.removesuffix(".weight")
@@ -194,7 +194,7 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
     return model.tensors, model.metadata
 
 
-def describe(report: dict[str, quants.TypeReport]) -> list[str]:
+def describe(report: dict[str, blocks.TypeReport]) -> list[str]:
     """One line per GGUF tensor type: kept exactly, or the largest error it took on."""
     lines = []
     for name, r in sorted(report.items()):

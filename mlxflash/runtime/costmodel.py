@@ -131,8 +131,9 @@ def spot_check(path: str | os.PathLike, chunk_bytes: int, threads: int, reads: i
     chunk = -(-max(int(chunk_bytes), 1) // 4096) * 4096
     reader = FlashReader(path, threads=threads)
     try:
-        if reader.size < chunk:
-            raise ValueError(f"{path}: {reader.size} bytes, smaller than one {chunk}-byte read")
+        chunk = min(chunk, reader.size // 4096 * 4096)  # a small file: reads of all of it
+        if chunk == 0:
+            raise ValueError(f"{path}: {reader.size} bytes, smaller than one page")
         _, dest = aligned_buffer(chunk * max(2 * threads, 4))
         seconds = _timed_reads(
             reader, reader.size - reader.size % chunk, chunk, reads, dest, np.random.default_rng(seed)

@@ -25,6 +25,7 @@ from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
 from .dtypes import cast_floats, compute_dtype
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
+from .kv import KVPlan, kv_plan
 from .planner import Budget, Plan, PlanRequest, prompt_chunk_rows
 from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .selectors import Selector
@@ -48,6 +49,7 @@ class FlashRuntime:
     selector: Selector | None = None
     ffns: list = field(default_factory=list)
     compute_dtype: str = "float32"  # what the math runs in (float32 on the CPU, the bundle's dtype on Metal)
+    kv: KVPlan = field(default_factory=lambda: KVPlan(None, None, 0))
 
     @property
     def ffn_bytes(self) -> int:
@@ -56,6 +58,11 @@ class FlashRuntime:
     @property
     def context_length(self) -> int | None:
         return self.bundle.config.get("max_position_embeddings")
+
+    @property
+    def max_kv_size(self) -> int | None:
+        """The tokens a conversation may hold where --max-kv-size bounds it (its KV cache is in the budget)."""
+        return self.kv.tokens
 
     def token_stats(self) -> TokenStats:
         r = self.reader
@@ -72,7 +79,12 @@ class FlashRuntime:
 
     def live(self) -> dict:
         """Figures that change as the model runs (cache contents) and the plan's."""
-        out = {"fixed_overhead_bytes": self.fixed_overhead_bytes, "memory_budget": self.plan.budget}
+        out = {
+            "fixed_overhead_bytes": self.fixed_overhead_bytes,
+            "memory_budget": self.plan.budget,
+            "kv_reserved_bytes": self.kv.reserved_bytes,
+            "max_kv_size": self.kv.tokens,
+        }
         if self.mode == "flash":
             caches = [f._cache for f in self.ffns]
             out.update(
@@ -118,6 +130,8 @@ def load_model(
     verify: bool = True,
     threads: int | None = None,
     retain: bool = False,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime.
 
@@ -125,10 +139,13 @@ def load_model(
     threads default to the disk cost model's choice; gap (records read through between needed ones)
     defaults to 0 (only adjacent records are merged), "auto" takes the cost model's: fewer, larger reads
     at the price of more bytes. retain keeps neurons past the window while the cache has room (no reads,
-    more compute; off by default: on the default model it did not improve answers).
+    more compute; off by default: on the default model it did not improve answers). max_kv_size bounds a
+    conversation's tokens and reserves their KV cache (kv_bits: quantized) inside the budget (runtime/kv.py).
     """
     bundle = Bundle.open(path, verify=verify)
-    budget = Budget.of(bundle, memory)
+    dtype = compute_dtype(bundle.spec.dtype)  # CPU: float32 (float16 math is ~45x slower); the KV cache too
+    kv = kv_plan(bundle.config, max_kv_size, kv_bits, dtype_bytes=dtype.size)
+    budget = Budget.of(bundle, memory, kv.reserved_bytes)
     planner.choose_mode(budget, mode)  # a mode the budget cannot take is refused before anything is built
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
@@ -149,7 +166,6 @@ def load_model(
         page = DIRECT_ALIGN // bundle.spec.record.nbytes - 1 if reader.direct_io else 0
         gap = max(0, page, io_plan.gap_bytes // bundle.spec.record.nbytes)
     stats = RuntimeStats(io=reader.counters)
-    dtype = compute_dtype(bundle.spec.dtype)  # CPU: float32, converted once here (float16 math is ~45x slower)
     weights = cast_floats(bundle.resident_weights(), dtype)
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
@@ -161,7 +177,7 @@ def load_model(
         reader.close()
         raise
     mode = plan.mode
-    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan, selector=chosen)
+    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan, selector=chosen, kv=kv)
     runtime.compute_dtype = dtype_name(dtype)
     if mode == "flash":
         runtime.options = FlashOptions(

@@ -30,8 +30,8 @@ from ..format.moe import MoEBundle
 from .costmodel import DiskCurve, plan_io
 from .experts import ExpertIndex, ExpertSlots, switch_glu
 from .model import CACHE_LIMIT, _load_resident
-from .moe_plan import MoEPlan, plan_moe
-from .planner import MODES, Budget, choose_mode
+from .moe_plan import MoEPlan
+from .planner import MODES, Budget, PlanRequest, plan
 from .reader import SPLIT_BYTES, FlashReader
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 from .traces import Trace
@@ -226,22 +226,22 @@ def load_moe_model(
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     overhead = current_rss_bytes()
-    parsed = Budget.of(bundle, memory)
-    mode, budget = choose_mode(parsed, mode), parsed.bytes
+    budget = Budget.of(bundle, memory)
     curve = DiskCurve.load_or_default()
     reader = FlashReader(
         bundle.ffn_path, threads=threads or plan_io(curve, min(bundle.spec.record.nbytes, SPLIT_BYTES)).threads
     )
-    plan = plan_moe(bundle, mode, budget, policy, reader.threads, curve, trace, reader.scratch_bytes, slots)
-    plan.io = f"reads: {reader.threads} threads, {reader.io_note}"
+    _, memory_plan = plan(bundle, budget, PlanRequest(mode=mode, policy=policy, slots=slots, routing=trace), reader)
+    mode = memory_plan.mode
+    memory_plan.io = f"reads: {reader.threads} threads, {reader.io_note}"
     model_class, args_class = model_classes(bundle.config)
     model = model_class(args_class.from_dict(bundle.config))
     stats = RuntimeStats(io=reader.counters)
-    runtime = MoERuntime(bundle, mode, reader, stats, plan.planned_bytes, overhead, plan)
-    prompt = ExpertSlots(bundle.spec, plan.prompt_slots) if plan.prompt_slots else None
+    runtime = MoERuntime(bundle, mode, reader, stats, memory_plan.planned_bytes, overhead, memory_plan)
+    prompt = ExpertSlots(bundle.spec, memory_plan.prompt_slots) if memory_plan.prompt_slots else None
     layers = model.layers
     for block, b in enumerate(bundle.spec.layers):
-        experts = StreamingExperts(bundle, block, reader, plan.slots, plan.policy, prompt, stats)
+        experts = StreamingExperts(bundle, block, reader, memory_plan.slots, memory_plan.policy, prompt, stats)
         _set(layers[b.layer], bundle.spec.module, experts)
         runtime.experts.append(experts)
     _load_resident(model, bundle, bundle.resident_weights())
@@ -250,7 +250,7 @@ def load_moe_model(
             m._slots.read(reader, m._offset, m._index.admit(np.arange(bundle.spec.num_experts)))
             m._index.hits = m._index.misses = 0
     model.eval()
-    if budget is not None:
+    if budget.bytes is not None:
         mx.set_cache_limit(CACHE_LIMIT)
     model.flash = runtime
     return model, tokenizer

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
 from ..errors import UsageError
 from ..format.bundle import Bundle
+from ..format.moe import MoEBundle
 from .cache import staging_bytes
+from .moe_plan import MoEPlan, plan_moe
 from .reader import FlashReader
 from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_selector, predictor_selector
+from .traces import Trace
 
 MODES = ("resident", "naive", "flash")
 SELECTORS = ("predictor", "gate", "all")
@@ -88,6 +91,7 @@ class Plan:
     density: float = 0.0  # expected share of neurons selected per token
     note: str = ""  # what the planner changed to fit the budget
     io: str = ""  # how reads are issued
+    kv_bytes: int = 0  # the KV cache of the context the budget allows (--max-kv-size), else 0 (outside)
 
     @property
     def cache_bytes(self) -> int:
@@ -95,8 +99,9 @@ class Plan:
 
     @property
     def fixed_bytes(self) -> int:
-        """What stays in DRAM whatever the tokens: the budget's neuron cache is what is left of it."""
-        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes
+        """What stays in DRAM whatever the tokens (the KV cache --max-kv-size reserves included): the
+        budget's neuron cache is what is left of it."""
+        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes + self.kv_bytes
 
     @property
     def planned_bytes(self) -> int:
@@ -121,6 +126,7 @@ class Plan:
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
+            *([f"  KV cache {_mb(self.kv_bytes)} reserved in the budget (--max-kv-size)"] if self.kv_bytes else []),
         ]
         for extra in (self.io, self.note):
             if extra:
@@ -143,17 +149,19 @@ class Budget:
 
     bytes: int | None
     model_bytes: int
+    kv_bytes: int = 0  # the KV cache --max-kv-size reserves inside the budget (runtime/kv.py)
 
     @classmethod
-    def of(cls, bundle: Bundle, memory: str | int | float | Budget | None) -> Budget:
+    def of(cls, bundle: Bundle, memory: str | int | float | Budget | None, kv_bytes: int = 0) -> Budget:
+        """A share (`75%`) is of the weights; `kv_bytes` must fit beside them."""
         if isinstance(memory, Budget):
-            return memory
+            return replace(memory, kv_bytes=kv_bytes) if kv_bytes else memory
         total = model_bytes(bundle)
-        return cls(parse_memory(memory, total) if memory is not None else None, total)
+        return cls(parse_memory(memory, total) if memory is not None else None, total, kv_bytes)
 
     @property
     def below_model(self) -> bool:
-        return self.bytes is not None and self.bytes < self.model_bytes
+        return self.bytes is not None and self.bytes < self.model_bytes + self.kv_bytes
 
 
 def choose_mode(budget: Budget, mode: str | None) -> str:
@@ -163,9 +171,10 @@ def choose_mode(budget: Budget, mode: str | None) -> str:
     if mode is None:
         mode = "flash" if budget.below_model else "resident"
     if mode == "resident" and budget.below_model:
+        kv = f" and its KV cache ({_mb(budget.kv_bytes)}, --max-kv-size)" if budget.kv_bytes else ""
         raise UsageError(
-            f"resident mode needs the whole model ({_mb(budget.model_bytes)}) but --memory allows "
-            f"{_mb(budget.bytes)}; use --mode flash"
+            f"resident mode needs the whole model ({_mb(budget.model_bytes)}){kv}, "
+            f"{_mb(budget.model_bytes + budget.kv_bytes)}, but --memory allows {_mb(budget.bytes)}; use --mode flash"
         )
     return mode
 
@@ -182,17 +191,38 @@ class PlanRequest:
     window: int | None = None
     density: float | None = None
     gate_bits: int | None = None
+    policy: str = "lru"  # MoE bundles: the expert cache's eviction policy
+    slots: int | None = None  # MoE bundles: expert slots per layer (None: what the budget allows)
+    routing: Trace | None = None  # MoE bundles: a routing trace to expect hit rates on (None: the generator)
 
 
 def plan(
-    bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader, weights: dict[str, mx.array]
-) -> tuple[Selector | None, Plan]:
+    bundle: Bundle,
+    budget: Budget,
+    request: PlanRequest,
+    reader: FlashReader,
+    weights: dict[str, mx.array] | None = None,
+) -> tuple[Selector | None, Plan | MoEPlan]:
     """The mode, and in flash mode the selector and the cache plan. `reader` reads the gate selector's
     rows and sizes its scratch buffers; `weights` are the resident tensors in the compute dtype (the
-    predictors among them). Raises TooSmall when not even one token's neurons fit."""
+    predictors among them; not needed for an MoE bundle). Raises TooSmall when not even one token's neurons fit."""
     mode = choose_mode(budget, request.mode)
+    if isinstance(bundle, MoEBundle):  # experts, not neurons: moe_plan sizes the expert slots
+        return None, plan_moe(
+            bundle,
+            mode,
+            budget.bytes,
+            request.policy,
+            reader.threads,
+            None,
+            request.routing,
+            reader.scratch_bytes,
+            request.slots,
+        )
     if mode != "flash":
-        return None, Plan(mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0)
+        return None, Plan(
+            mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0, kv_bytes=budget.kv_bytes
+        )
     selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
     try:
         return selector, _size_flash(bundle, budget, selector, request.window, reader)
@@ -272,6 +302,7 @@ def _size_flash(bundle: Bundle, budget: Budget, selector: Selector, window: int 
         record_bytes=R,
         layers=layers,
         selector=selector.kind,
+        kv_bytes=budget.kv_bytes,
     )
     density, union = _expected_selection(bundle, selector)
     plan.density = density
@@ -283,7 +314,9 @@ def _size_flash(bundle: Bundle, budget: Budget, selector: Selector, window: int 
         if plan.capacity < need:
             raise TooSmall(
                 f"--memory {_mb(budget.bytes)} is too small: {_mb(plan.fixed_bytes)} must stay resident (weights "
-                f"{_mb(plan.resident_bytes)}, selector {_mb(plan.selector_bytes)}, I/O buffers {_mb(prompt_buffer)}) and "
+                f"{_mb(plan.resident_bytes)}, selector {_mb(plan.selector_bytes)}, I/O buffers {_mb(prompt_buffer)}"
+                + (f", KV cache {_mb(plan.kv_bytes)} for --max-kv-size" if plan.kv_bytes else "")
+                + ") and "
                 f"the cache needs at least {_mb(need * layers * R)} for one token's neurons at density {density:.2f}; "
                 f"the smallest workable budget is about {_mb(plan.fixed_bytes + need * layers * R)}",
                 plan,

@@ -17,14 +17,6 @@ def machine_memory_bytes() -> int | None:
         return None
 
 
-def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one token of context costs (all layers, keys and values)."""
-    heads = config.get("num_attention_heads") or 1
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * config.get("num_hidden_layers", 0) * kv_heads * head_dim * dtype_bytes
-
-
 def _mb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / MB:.1f} MB"
 
@@ -59,9 +51,9 @@ def load_report(model: nn.Module) -> str:
     if plan is None or rt.mode != "flash":
         lines.append(_placement(rt))
     lines.append(_compute(rt))
-    kv = kv_bytes_per_token(bundle.config, 4 if rt.compute_dtype == "float32" else 2)
-    full = f" ({_mb(kv * context)} at the full {context})" if context else ""
-    lines.append(f"  KV cache (outside the budget): {_mb(kv * 1024)} per 1k tokens{full}")
+    kv = rt.kv
+    full = f" ({_mb(kv.bytes_for(context))} at the full {context})" if context and kv.tokens is None else ""
+    lines.append(kv.describe() + full)
     ram = machine_memory_bytes()
     lines.append(f"  resident at load: {_mb(rt.resident_bytes)}" + (f"; machine memory {_mb(ram)}" if ram else ""))
     return "\n".join(lines)

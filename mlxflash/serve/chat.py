@@ -12,6 +12,7 @@ from ..errors import UsageError
 from ..options import add_model_options, model_options
 from ..runtime.report import load_report
 from ..runtime.stats import current_rss_bytes, peak_rss_bytes
+from .generate import check_prompt, context_limit
 from .session import Session, session
 
 HELP = "Type a message. /reset starts over, /stats shows figures, /quit leaves; Ctrl-C stops an answer."
@@ -60,10 +61,11 @@ class Chat:
         tokens = tok.apply_chat_template(
             [*self.messages, {"role": "user", "content": text}], add_generation_prompt=True
         )
-        context = self.sess.model.flash.context_length or 1 << 30
-        room = min(a.max_tokens, context - len(tokens))
-        if room < 1:
-            print("(the conversation no longer fits the model's context: /reset to start over)")
+        context, limit = context_limit(self.sess.model)
+        try:
+            room = check_prompt(context, tokens, None, default=a.max_tokens, limit=limit)
+        except UsageError:
+            print(f"(the conversation no longer fits {limit}: /reset to start over)")
             return
         reply, n, stats, stop = "", 0, {}, threading.Event()
         with ctrl_c_sets(stop):

@@ -36,14 +36,36 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[int]) -> list[
     return tokenizer.encode(prompt, add_special_tokens=add_special)
 
 
-def check_prompt(context: int | None, tokens: list[int], max_tokens: int) -> None:
+def context_limit(model: nn.Module) -> tuple[int | None, str]:
+    """(tokens a conversation may hold, what sets that limit): the model's context, or the KV cache's
+    size where `--max-kv-size` bounds it below that."""
+    runtime = model.flash
+    context, kv = runtime.context_length, getattr(runtime, "max_kv_size", None)
+    if kv and (context is None or kv < context):
+        return kv, f"the KV cache's limit (--max-kv-size {kv})"
+    return context, "the model's context"
+
+
+def check_prompt(
+    context: int | None,
+    tokens: list[int],
+    max_tokens: int | None,
+    default: int = 256,
+    limit: str = "the model's context",
+) -> int:
+    """The one prompt-against-context check (generate, chat, the session, the server): the max_tokens to run
+    with. An asked `max_tokens` must fit as asked; none asked gets `default` cut to the room left. Raises
+    UsageError naming the limit when the prompt leaves no room or the asked tokens do not fit."""
     if not tokens:
         raise UsageError("the prompt is empty")
-    if context and len(tokens) + max_tokens > context:
+    room = context - len(tokens) if context else None
+    if max_tokens is None:
+        max_tokens = default if room is None else min(default, room)
+    if room is not None and (room < 1 or max_tokens > room):
         raise UsageError(
-            f"the prompt is {len(tokens)} tokens and {max_tokens} more were asked for, "
-            f"but the model's context is {context} tokens"
+            f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}, but {limit} is {context} tokens"
         )
+    return max_tokens
 
 
 def stream_generate(
@@ -60,7 +82,8 @@ def stream_generate(
     """Yield a Response per generated token; `stats` covers the decode steps so far."""
     runtime = model.flash
     tokens = encode_prompt(tokenizer, prompt)
-    check_prompt(runtime.context_length, tokens, max_tokens)
+    context, limit = context_limit(model)
+    check_prompt(context, tokens, max_tokens, limit=limit)
     if seed is not None:
         mx.random.seed(seed)
     kwargs.setdefault("sampler", make_sampler(temp, top_p, top_k=top_k))

@@ -19,8 +19,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxflash.format.bundle import Bundle
+from mlxflash.format.quant import transpose_packed
 from mlxflash.runtime import costmodel
-from mlxflash.runtime.ffn import FFN, transpose_packed
+from mlxflash.runtime.ffn import FFN
 from mlxflash.runtime.model import load_model
 from mlxflash.runtime.reader import FlashReader, aligned_buffer
 from mlxflash.runtime.stats import RuntimeStats
