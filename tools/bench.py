@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.open(args.bundle, verify=False)
     try:
         budget = resolve_budget(bundle, args.memory)
-    except UsageError as e:
+    except UsageError as e:  # a bad --memory: one line, not a traceback
         raise SystemExit(f"bench: {e}") from e
     curve = costmodel.DiskCurve.load_or_default(args.curve)
     results = run_rounds(modes, args, bundle, budget)

@@ -27,6 +27,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from mlxflash.format.convert import write_bundle
+from mlxflash.format.moe import MoEArch, write_moe_bundle
 from mlxflash.format.selector_record import SelectionStats, SelectorRecord
 from mlxflash.runtime import traces
 from mlxflash.runtime.planner import MAX_WINDOW
@@ -251,8 +252,6 @@ def expert_layers(s: dict, layers: int, r: Rand, bits: int | None, group_size: i
 
 
 def make_moe_synthetic(s: dict, out, layers: int, r: Rand, bits, group_size: int, meta: dict, progress: bool) -> Path:
-    from mlxflash.format.moe import MoEArch, write_moe_bundle
-
     config = {**qwen3_moe_config(s, layers), "synthetic": meta}
     arch = MoEArch("mlp.switch_mlp", tuple(range(layers)), s["experts"], s["top_k"], s["d"], s["ffn"])
     resident = qwen3_moe_resident(s, layers, r)

@@ -9,10 +9,10 @@ model" (`--memory 75%`) is of its weights: predictors are not part of it. The re
 the neuron cache, split evenly over layers. The window k is the largest whose expected union of
 selections (the record's `SelectionStats`, measured when the selectors were calibrated) fits a
 layer's cache. A selector whose density does not fit is re-thresholded to the largest that does.
-Not in the budget: the KV cache and the runtime itself (Python, MLX, tokenizer), reported as the
-fixed overhead.
+The KV cache is in the budget when --max-kv-size bounds it (`Budget.kv_bytes`, runtime/kv.py), else
+outside it; never in it: the runtime itself (Python, MLX, tokenizer), reported as the fixed overhead.
 
-Extending it: a new resident term (the KV cache, say) is a field of `Plan` counted in `fixed_bytes`;
+Extending it: a new resident term is a field of `Plan` counted in `fixed_bytes` (as `kv_bytes` is);
 a different way to pick the density (a quality table) replaces `_fitting_density`; a cache of other
 units (MoE experts: runtime/moe_plan.py) plans from the same `Budget` and `choose_mode`.
 """

@@ -253,12 +253,7 @@ def train_predictors(
         density_grid=DENSITY_GRID.tolist(),
         score_quantiles=score_quantiles,
         target_recall=recall,
-        trained_on={
-            "text": Path(text).name,
-            "tokens": len(ids),
-            "heldout_tokens": len(ids) - split,
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
+        trained_on=_provenance(text, ids, split, t0),
         stats={"predictor": selection_stats(pred_masks)},
     )
     if gated:
@@ -317,16 +312,17 @@ def calibrate_gate(
         gate_threshold=thresholds,
         gate_density=density,
         gate_bits=gate_bits,
-        trained_on={
-            "text": Path(text).name,
-            "tokens": len(ids),
-            "heldout_tokens": len(ids) - split,
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
+        trained_on=_provenance(text, ids, split, t0),
         stats={"gate": selection_stats(masks)},
     )
     write_selector(bundle, {}, recorded)
     return [float(m.mean()) for m in masks]
+
+
+def _provenance(text: Path, ids: list[int], split: int, t0: float) -> dict:
+    """The record's `trained_on`: which text, how many tokens (held out too), how long it took."""
+    seconds = round(time.perf_counter() - t0, 1)
+    return {"text": Path(text).name, "tokens": len(ids), "heldout_tokens": len(ids) - split, "seconds": seconds}
 
 
 def _top_share(magnitude: np.ndarray, split: int, density: float) -> tuple[np.ndarray, float]:

@@ -6,6 +6,7 @@ mode's figure by the median over all modes and rounds (report.common_attention).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ def curve_now(mode: str, chunk: float, threads: int, reads: float, ffn_path, cur
     """The stored curve rescaled to a spot check of the disk made now, in this process: as many reads
     as a token makes (64..1024) at its mean size and concurrency (streaming modes: 1 MiB reads)."""
     size = 1 << 20 if mode in ("naive", "hybrid") else chunk
+    size = min(size, os.path.getsize(ffn_path) // 4096 * 4096)  # a small file: reads of all of it
     n = int(min(1024, max(64, reads)))
     gbps = costmodel.spot_check(ffn_path, size, max(threads, 1), reads=n)
     return costmodel.rescaled(curve, size, max(threads, 1), gbps)
