@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import MlxflashError
 from ..format.bundle import Bundle
-from ..runtime.cpu import blas_in_use
+from ..runtime.cpu import blas_in_use, openblas_env
 from ..runtime.train import calibrate_gate
 from .catalog import SMOLLM2
 from .staging import say as _say
@@ -64,12 +64,13 @@ def ensure_default_predictors(path: Path) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="mlxflash-calibrate-") as tmp:
         text = training_text() or _python_docs_text(Path(tmp))
+        env = openblas_env(dict(os.environ))  # the dense pass is BLAS-bound: fast BLAS whoever started us
         _say(
             f"first flash use: calibrating the default model's gate selector on {DEFAULT_TRAINING['tokens']} tokens "
-            f"of {text.name} (once; one dense pass, {blas_in_use()}; the time left is printed after the first window)"
+            f"of {text.name} (once; one dense pass, {blas_in_use(env)}; the time left is printed after the first window)"
         )
         code = "import sys; from mlxflash.fetch.default_model import train_default; train_default(sys.argv[1], sys.argv[2])"
-        child = subprocess.Popen([sys.executable, "-c", code, str(path), str(text)])
+        child = subprocess.Popen([sys.executable, "-c", code, str(path), str(text)], env=env)
         try:
             returncode = child.wait()
         except KeyboardInterrupt:  # the child got the same Ctrl-C: let it unwind (it writes nothing half-done)

@@ -29,13 +29,15 @@ MANY_ROWS = 8  # from here on, dequantize + BLAS beats the CPU quantized kernel
 SLICE_ROWS = 4096
 
 
-def blas_in_use() -> str:
+def blas_in_use(env: dict[str, str] | None = None) -> str:
+    """The BLAS a process with environment `env` (default: this one's) runs MLX's CPU math on."""
+    env = os.environ if env is None else env
     if sys.platform == "darwin":
         return "Accelerate"
-    preloaded = os.environ.get(PRELOADED, "")
+    preloaded = env.get(PRELOADED, "")
     if WHEEL_OPENBLAS in preloaded:
         return "OpenBLAS (ngsolve-openblas wheel, preloaded)"
-    if "openblas" in preloaded or "openblas" in os.environ.get("LD_PRELOAD", ""):
+    if "openblas" in preloaded or "openblas" in env.get("LD_PRELOAD", ""):
         return "OpenBLAS (system, preloaded)"
     return "reference BLAS (MLX's CPU wheel)"
 
@@ -81,20 +83,28 @@ def openblas_preload() -> tuple[str, list[str]] | None:
     return (str(lib), folders) if lib and folders is not None else None
 
 
-def reexec_with_openblas() -> None:
-    """Restart this process with OpenBLAS preloaded, once, where one is usable (Linux)."""
-    if sys.platform != "linux" or os.environ.get("MLXFLASH_BLAS") == "reference" or os.environ.get(PRELOADED):
-        return
-    if "openblas" in os.environ.get("LD_PRELOAD", ""):
-        return
+def openblas_env(env: dict[str, str]) -> dict[str, str] | None:
+    """`env` with OpenBLAS preloaded for a process started with it (Linux), or None where it already is,
+    is opted out of (MLXFLASH_BLAS=reference) or none is usable."""
+    if sys.platform != "linux" or env.get("MLXFLASH_BLAS") == "reference" or env.get(PRELOADED):
+        return None
+    if "openblas" in env.get("LD_PRELOAD", ""):
+        return None
     found = openblas_preload()
     if found is None:
-        return
+        return None
     lib, folders = found
-    env = {**os.environ, PRELOADED: lib, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    out = {**env, PRELOADED: lib, "LD_PRELOAD": f"{lib} {env.get('LD_PRELOAD', '')}".strip()}
     if folders:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        out["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    return out
+
+
+def reexec_with_openblas() -> None:
+    """Restart this process with OpenBLAS preloaded, once, where one is usable (Linux)."""
+    env = openblas_env(dict(os.environ))
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def on_cpu() -> bool:
