@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 import mlxflash
 from mlxflash.arch.registry import model_classes
 from mlxflash.format.gguf import hf_config, metadata, mlx_lm_name
-from mlxflash.runtime.cpu import blas_in_use
+from mlxflash.runtime.cpu import blas_in_use, reexec_with_openblas
 
 AS_STORED = ("llama", "qwen2", "qwen3")  # llama.cpp keeps these tensors as mlx-lm names them (up to names)
 
@@ -162,4 +162,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_openblas()  # as the CLI does: the float32 reference is BLAS-bound
     sys.exit(main())
