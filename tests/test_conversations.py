@@ -58,6 +58,12 @@ def test_two_alternating_conversations_keep_their_prefixes(port):
     status, stats = get(port, "/v1/stats")
     assert status == 200 and stats["prompt_cache"]["conversations"] >= 2  # (stale turns go when bytes run out)
     assert 0 < stats["prompt_cache"]["bytes"] <= stats["runtime"]["kv_reserved_bytes"]
+    status, metrics = get(port, "/metrics")
+    values = dict(line.split() for line in metrics.splitlines() if not line.startswith("#"))
+    assert int(values["llamacpp:n_decode_total"]) == stats["requests_served"] == 4
+    assert int(values["mlxflash_prompt_cached_tokens_total"]) == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in (first_a, first_b, second_a, second_b)
+    )
     last = stats["requests"][-1]
     assert (last["prompt_tokens"], last["cached_tokens"]) == (
         second_b["prompt_tokens"],
