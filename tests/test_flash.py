@@ -162,7 +162,8 @@ def test_budget_share_is_of_the_weights_and_predictors_count_as_selector(bundles
     plan = model.flash.plan  # weigh as much as its cache (and the predictor may pick ~90%): below 100% would not fit
     assert plan.model_bytes == bundle.resident_bytes - bundle.predictor_bytes + bundle.spec.ffn_bytes
     assert plan.budget == int(3.0 * plan.model_bytes)
-    assert plan.selector_bytes == bundle.predictor_bytes and plan.planned_bytes <= plan.budget
+    # the predictors are stored as float16 and held in the compute dtype (float32 on the CPU): twice that
+    assert plan.selector_bytes == bundle.predictor_bytes * 2 and plan.planned_bytes <= plan.budget
 
 
 def test_window_zero_reloads_every_neuron(bundles):
@@ -208,6 +209,60 @@ def test_budget_decides_mode_and_refuses_too_small(bundles):
         mlxflash.load(path, mode="resident", memory="50%")
 
 
+def _recorded(path, tmp_path, record, extra=None):
+    """A copy of the bundle with `record` (and tensors `extra`) written in, and the budget that leaves
+    48 cached neurons per layer with the record's own selector."""
+    import shutil
+
+    from mlxflash.format.bundle import update_resident
+
+    path = shutil.copytree(path, tmp_path / "b")
+    update_resident(Bundle.open(path), extra or {}, record)
+    free = mlxflash.load(path, mode="flash", threads=1)[0].flash.plan  # no budget: every row cached
+    return path, free.fixed_bytes + 48 * free.record_bytes * free.layers
+
+
+def test_a_gate_selector_too_dense_for_the_budget_becomes_top_k(bundles, tmp_path):
+    from mlxflash.format.selector_record import SelectionStats, SelectorRecord
+
+    stats = {"gate": SelectionStats(0.9, (0.9,) * 8)}
+    record = SelectorRecord(kind="gate", gate_threshold=[0.0, 0.0], gate_density=0.9, stats=stats)
+    path, budget = _recorded(bundles["llama"], tmp_path, record)
+    model, _ = mlxflash.load(path, memory=budget, threads=1)
+    plan, selector = model.flash.plan, model.flash.selector
+    assert plan.capacity == 48 and selector.top_k == 48  # 90% of 128 neurons do not fit 48 rows: the top 48
+    assert plan.density == 48 / 128 and plan.window == 1
+    assert plan.note == "gate selector set to density 0.38 (trained at 0.90) to fit the budget"
+
+
+def test_a_predictor_too_dense_for_the_budget_is_rethresholded_from_its_quantiles(bundles, tmp_path):
+    from mlxflash.format.selector_record import SelectionStats, SelectorRecord
+    from mlxflash.runtime.selectors import predictor_prefix
+
+    grid = [round(0.05 * i, 2) for i in range(1, 20)]
+    quantiles = [[3.0 - 0.1 * i - layer for i in range(19)] for layer in range(2)]  # per layer, per density
+    record = SelectorRecord(
+        kind="predictor",
+        rank=[8, 8],
+        predictor_threshold=[0.5, 0.5],
+        density_grid=grid,
+        score_quantiles=quantiles,
+        stats={"predictor": SelectionStats(0.9, (0.9,) * 8)},
+    )
+    mx.random.seed(0)
+    shapes = {"a.weight": (8, 64), "b.weight": (128, 8), "b.bias": (128,)}
+    extra = {
+        predictor_prefix(i) + k: mx.random.normal(s).astype(mx.float16) for i in range(2) for k, s in shapes.items()
+    }
+    path, budget = _recorded(bundles["llama"], tmp_path, record, extra)
+    model, _ = mlxflash.load(path, memory=budget, threads=1)
+    plan, selector = model.flash.plan, model.flash.selector
+    # 48 of 128 rows, aimed 10% below, on the 0.05 grid: 0.30
+    assert plan.capacity == 48 and selector.density == pytest.approx(0.30) and plan.density == selector.density
+    assert selector.logit == pytest.approx([np.interp(0.30, grid, q) for q in quantiles])
+    assert plan.note == "predictor selector set to density 0.30 (trained at 0.90) to fit the budget"
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "mlxflash.cli", *map(str, args)], capture_output=True, text=True)
 
@@ -233,8 +288,8 @@ def test_train_predictors_tiny(bundles, tmp_path, shared_data):
     reports = train_predictors(path, text, tokens=1024, density=0.5, epochs=4, context=128)
     assert len(reports) == 2 and all(r.recall > 0.6 for r in reports)
     selector = Bundle.open(path).spec.selector
-    assert selector["kind"] == "predictor" and len(selector["predictor_threshold"]) == 2
-    assert len(selector["stats"]["gate"]["window_union"]) == 8
+    assert selector.kind == "predictor" and len(selector.predictor_threshold) == 2
+    assert len(selector.stats_for("gate").window_union) == 8
     model, tok = mlxflash.load(path, mode="flash")  # the bundle's own selector: the trained predictor
     stats = list(mlxflash.stream_generate(model, tok, "ROMEO:", max_tokens=6))[-1].stats
     assert 0 < stats["selected_density"] < 1
@@ -309,8 +364,27 @@ def test_first_use_training_runs_apart_and_reports_failure(bundles, tmp_path, sh
     monkeypatch.setenv("MLXFLASH_TRAIN_TEXT", str(shared_data / "tinyshakespeare.txt"))
     ensure_default_predictors(path)
     selector = Bundle.open(path).spec.selector
-    assert selector["kind"] == DEFAULT_SELECTOR and selector["gate_bits"] == DEFAULT_TRAINING["gate_bits"]
-    assert len(selector["gate_threshold"]) == 2 and selector["gate_density"] == DEFAULT_TRAINING["density"]
+    assert selector.kind == DEFAULT_SELECTOR and selector.gate_bits == DEFAULT_TRAINING["gate_bits"]
+    assert len(selector.gate_threshold) == 2 and selector.gate_density == DEFAULT_TRAINING["density"]
+
+
+def test_first_use_training_is_skipped_once_a_selector_is_recorded(bundles, tmp_path, monkeypatch):
+    """A bundle whose config records a SelectorRecord is not trained again (a short text would fail)."""
+    import shutil
+
+    from mlxflash.fetch.default_model import ensure_default_predictors
+    from mlxflash.format.bundle import update_resident
+    from mlxflash.format.selector_record import SelectorRecord
+
+    path = shutil.copytree(bundles["llama"], tmp_path / "b")
+    update_resident(Bundle.open(path), {}, SelectorRecord(kind="gate", gate_threshold=[0.1, 0.1], gate_density=0.5))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    monkeypatch.setenv("MLXFLASH_TRAIN_TEXT", str(short))
+    before = (path / "config.json").read_bytes()
+    ensure_default_predictors(path)
+    assert (path / "config.json").read_bytes() == before
+    assert Bundle.open(path).spec.selector == SelectorRecord(kind="gate", gate_threshold=[0.1, 0.1], gate_density=0.5)
 
 
 def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_data):
@@ -324,4 +398,4 @@ def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_dat
     )
     assert all(abs(r.target_density - 0.5) < 0.05 for r in reports)  # the largest |h|, half of the neurons
     selector = Bundle.open(path).spec.selector
-    assert selector["target"] == "activation" and len(selector["gate_threshold"]) == 2
+    assert selector.target == "activation" and len(selector.gate_threshold) == 2

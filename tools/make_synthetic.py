@@ -3,12 +3,14 @@
 
     python tools/make_synthetic.py --shape opt-6.7b --layers 4 --dtype float32 --out /work/bench-data/opt-6.7b-L4
 
-Shapes: opt-6.7b, opt-1.3b, opt-125m, llama-2-7b, smollm2-135m, tiny-opt, tiny-llama; override any
+Shapes: opt-6.7b, opt-1.3b, opt-125m, llama-2-7b, smollm2-135m, tiny-opt, tiny-llama, and the MoE shapes
+qwen3-30b-a3b (48 layers, 128 experts, 8 routed, d=2048, expert FFN 768) and tiny-qwen3-moe, written as
+MoE bundles (mlxflash.format.moe: one record per expert; --bits quantizes the experts); override any
 dimension with --hidden-size / --ffn-size / --heads / --vocab-size. --layers N keeps runs short
 (the config records the full depth under "synthetic" so a benchmark can scale per layer).
 --bits quantizes the FFN (MLX affine, --group-size); resident weights stay in --dtype.
---rank R (default 128; 0 = none) adds random low-rank predictors and selector
-{"kind": "predictor", ...}. Weights are generated layer by layer with a fixed --seed; the
+--rank R (default 128; 0 = none) adds random low-rank predictors and their selector record
+(mlxflash.format.selector_record.SelectorRecord, kind "predictor"). Weights are generated layer by layer with a fixed --seed; the
 writer (mlxflash.format.convert.write_bundle) streams the FFN to disk.
 """
 
@@ -22,8 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
+from tqdm import tqdm
 
 from mlxflash.format.convert import write_bundle
+from mlxflash.format.selector_record import SelectionStats, SelectorRecord
+from mlxflash.runtime import traces
+from mlxflash.runtime.planner import MAX_WINDOW
 
 SHAPES = {
     "opt-6.7b": {"family": "opt", "d": 4096, "ffn": 16384, "layers": 32, "heads": 32, "vocab": 50272, "max_pos": 2048},
@@ -50,6 +56,33 @@ SHAPES = {
         "max_pos": 8192,
     },
     "tiny-llama": {"family": "llama", "d": 64, "ffn": 128, "layers": 2, "heads": 4, "vocab": 256, "max_pos": 96},
+    # Qwen3-30B-A3B's config.json: 48 layers, 128 experts, 8 routed, d=2048, expert FFN 768, GQA 32/4 x 128
+    "qwen3-30b-a3b": {
+        "family": "qwen3_moe",
+        "d": 2048,
+        "ffn": 768,
+        "experts": 128,
+        "top_k": 8,
+        "layers": 48,
+        "heads": 32,
+        "kv_heads": 4,
+        "head_dim": 128,
+        "vocab": 151936,
+        "max_pos": 40960,
+    },
+    "tiny-qwen3-moe": {
+        "family": "qwen3_moe",
+        "d": 64,
+        "ffn": 32,
+        "experts": 8,
+        "top_k": 2,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "vocab": 256,
+        "max_pos": 96,
+    },
 }
 
 
@@ -85,6 +118,32 @@ def llama_config(s: dict, layers: int) -> dict:
         "max_position_embeddings": s["max_pos"],
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def qwen3_moe_config(s: dict, layers: int) -> dict:
+    return {
+        "model_type": "qwen3_moe",
+        "hidden_size": s["d"],
+        "intermediate_size": 3 * s["d"],  # dense MLP width (no dense layers here: mlp_only_layers is empty)
+        "moe_intermediate_size": s["ffn"],
+        "num_experts": s["experts"],
+        "num_experts_per_tok": s["top_k"],
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "num_hidden_layers": layers,
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "head_dim": s["head_dim"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": s["max_pos"],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
         "tie_word_embeddings": False,
         "hidden_act": "silu",
         "bos_token_id": 1,
@@ -155,6 +214,63 @@ def llama_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
     return w
 
 
+def qwen3_moe_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
+    """Attention (with q/k norms), norms, the router; the routed experts go to ffn.bin."""
+    d, hd = s["d"], s["head_dim"]
+    w = {
+        "model.embed_tokens.weight": r.normal("embed", (s["vocab"], d)),
+        "model.norm.weight": r.ones((d,)),
+        "lm_head.weight": r.normal("lm_head", (s["vocab"], d)),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        q, kv = s["heads"] * hd, s["kv_heads"] * hd
+        for m, shape in (("q_proj", (q, d)), ("k_proj", (kv, d)), ("v_proj", (kv, d)), ("o_proj", (d, q))):
+            w[f"{p}.self_attn.{m}.weight"] = r.normal(f"{p}.{m}", shape)
+        w[f"{p}.self_attn.q_norm.weight"] = r.ones((hd,))
+        w[f"{p}.self_attn.k_norm.weight"] = r.ones((hd,))
+        w[f"{p}.input_layernorm.weight"] = r.ones((d,))
+        w[f"{p}.post_attention_layernorm.weight"] = r.ones((d,))
+        w[f"{p}.mlp.gate.weight"] = r.normal(f"{p}.router", (s["experts"], d))
+    return w
+
+
+def expert_layers(s: dict, layers: int, r: Rand, bits: int | None, group_size: int) -> Iterator[dict]:
+    """One layer's stacked experts at a time, as mlxflash.format.moe.expert_tensors gives them."""
+    d, n, e = s["d"], s["ffn"], s["experts"]
+    for i in range(layers):
+        t = {}
+        for proj, shape in (("gate", (e, n, d)), ("up", (e, n, d)), ("down", (e, d, n))):
+            w = r.normal(f"model.layers.{i}.experts.{proj}", shape)
+            if bits:
+                codes, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+                t.update({f"{proj}.weight": codes, f"{proj}.scales": scales, f"{proj}.biases": biases})
+            else:
+                t[f"{proj}.weight"] = w
+        yield t
+
+
+def make_moe_synthetic(s: dict, out, layers: int, r: Rand, bits, group_size: int, meta: dict, progress: bool) -> Path:
+    from mlxflash.format.moe import MoEArch, write_moe_bundle
+
+    config = {**qwen3_moe_config(s, layers), "synthetic": meta}
+    arch = MoEArch("mlp.switch_mlp", tuple(range(layers)), s["experts"], s["top_k"], s["d"], s["ffn"])
+    resident = qwen3_moe_resident(s, layers, r)
+    if bits:  # as mlx-lm's quantized MoE models: embeddings, attention and head quantized too, router float
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+        for name in [k for k, v in resident.items() if v.ndim == 2 and not k.endswith("mlp.gate.weight")]:
+            module = name.removesuffix(".weight")
+            resident[name], resident[f"{module}.scales"], resident[f"{module}.biases"] = mx.quantize(
+                resident[name], group_size=group_size, bits=bits
+            )
+    with tempfile.TemporaryDirectory(prefix="mlxflash-synth-tok-") as tok:
+        byte_tokenizer(Path(tok), s["vocab"])
+        layers_iter = expert_layers(s, layers, r, bits, group_size)
+        return write_moe_bundle(
+            out, config, arch, resident, tqdm(layers_iter, total=layers, disable=not progress), Path(tok)
+        )
+
+
 def predictors(s: dict, layers: int, rank: int, r: Rand) -> dict[str, mx.array]:
     d, n = s["d"], s["ffn"]
     w = {}
@@ -183,22 +299,18 @@ def ffn_layers(s: dict, layers: int, r: Rand, bits: int | None, group_size: int)
         yield layer
 
 
-def predictor_section(s: dict, layers: int, rank: int) -> dict:
+def predictor_section(s: dict, layers: int, rank: int) -> SelectorRecord:
     """The bundle's selector record. Random predictors select nothing meaningful, so the statistics the
     planner sizes the cache from (density, expected window union for k = 1..8) are those of the
     paper-calibrated trace (mlxflash.runtime.traces.PAPER_PARAMS) that benchmarks replay."""
-    from mlxflash.runtime import traces
-
-    stats = traces.window_stats(traces.generate_trace([s["ffn"]], tokens=48), max_window=8)
-    return {
-        "kind": "predictor",
-        "rank": [rank] * layers,
-        "threshold": [0.5] * layers,
-        "predictor_threshold": [0.5] * layers,  # the key mlxflash.runtime.model reads
-        "density": stats["density"],
-        "window_union": stats["union_mean"],
-        "source": "synthetic: random predictors; statistics of the paper-calibrated trace",
-    }
+    stats = traces.window_stats(traces.generate_trace([s["ffn"]], tokens=48), max_window=MAX_WINDOW)
+    return SelectorRecord(
+        kind="predictor",
+        rank=[rank] * layers,
+        predictor_threshold=[0.5] * layers,
+        stats={"predictor": SelectionStats(stats["density"], tuple(stats["union_mean"]))},
+        trained_on={"source": "synthetic: random predictors; statistics of the paper-calibrated trace"},
+    )
 
 
 def byte_tokenizer(out: Path, vocab_size: int) -> None:
@@ -229,15 +341,14 @@ def make_synthetic(
     s = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
     layers = layers or s["layers"]
     r = Rand(seed, getattr(mx, dtype))
+    meta = {"shape": shape if isinstance(shape, str) else "custom", "full_layers": s["layers"], "seed": seed}
+    if s["family"] == "qwen3_moe":  # routed experts: an MoE bundle (no predictors: the router selects)
+        return make_moe_synthetic(s, out, layers, r, bits, group_size, meta, progress)
     if s["family"] == "opt":
         config, resident = opt_config(s, layers), opt_resident(s, layers, r)
     else:
         config, resident = llama_config(s, layers), llama_resident(s, layers, r)
-    config["synthetic"] = {
-        "shape": shape if isinstance(shape, str) else "custom",
-        "full_layers": s["layers"],
-        "seed": seed,
-    }
+    config["synthetic"] = meta
     selector = None
     rank = min(rank, s["d"])
     if rank > 0:

@@ -21,7 +21,8 @@ import mlx.core as mx
 
 from mlxflash.format.bundle import Bundle
 from mlxflash.runtime import traces
-from mlxflash.runtime.model import load_model, make_selector
+from mlxflash.runtime.model import load_model
+from mlxflash.runtime.planner import make_selector
 from mlxflash.runtime.reader import FlashReader
 
 

@@ -167,7 +167,7 @@ def read_task(task: str, path: str | Path) -> list[ChoiceItem] | list[ClozeItem]
 def default_data(task: str) -> Path:
     """The task's file under ../shared/data, from the working directory or else from the checkout."""
     here = SHARED_DATA / DATA_FILES[task]
-    checkout = Path(__file__).resolve().parents[1] / SHARED_DATA / DATA_FILES[task]
+    checkout = Path(__file__).resolve().parents[2] / SHARED_DATA / DATA_FILES[task]
     return here if here.exists() or not checkout.exists() else checkout.resolve()
 
 

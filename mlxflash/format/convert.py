@@ -21,13 +21,22 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
-from ..arch.registry import SUPPORTED, model_classes
+from ..arch.registry import (
+    MOE_FAMILY,
+    SUPPORTED,
+    Architecture,
+    architecture,
+    as_text_model,
+    resolve_activation,
+)
 from ..errors import ConvertError
-from ..runtime.ffn import ACTIVATIONS, transpose_packed
-from . import gguf
-from .bundle import BundleWriter, FFNSpec, RecordLayout, dtype_name, record_parts, to_numpy_bytes
+from . import gguf, gguf_tokenizer
+from .bundle import BundleWriter, FFNSpec, RecordLayout, SelectorRecord, dtype_name, record_parts, to_numpy_bytes
+from .moe import MoEArch, expert_tensors, moe_arch, write_moe_bundle
+from .quant import quant_params, transpose_packed
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
@@ -38,11 +47,12 @@ class Source:
     config: dict  # Hugging Face style, "quantization" (mlx-lm style) included when quantized
     weights: dict[str, mx.array]  # mlx-lm parameter names
     tokenizer_dir: Path
+    bits_applied: bool = False  # a quantized GGUF took `bits` as the target of its requantized types
 
 
-def open_source(path: Path, workdir: Path) -> Source:
+def open_source(path: Path, workdir: Path, bits: int | None = None, dtype: str | None = None) -> Source:
     if path.is_file() and path.suffix == ".gguf":
-        return _gguf_source(path, workdir)
+        return _gguf_source(path, workdir, bits, dtype)
     if path.is_dir() and (path / "config.json").is_file():
         return _hf_source(path)
     if not path.exists():
@@ -50,23 +60,27 @@ def open_source(path: Path, workdir: Path) -> Source:
     raise ConvertError(f"{path}: not a .gguf file nor a model directory with config.json")
 
 
-def _gguf_source(path: Path, workdir: Path) -> Source:
-    tensors, md = gguf.read_gguf(path)
-    config = gguf.hf_config(md, tensors, path)
+def _gguf_source(path: Path, workdir: Path, bits: int | None, dtype: str | None) -> Source:
+    # Scales and biases in float16 unless float32 is asked for (then K-quants map bit-exactly).
+    g = gguf.load_gguf(path, bits, np.float32 if dtype == "float32" else np.float16)
+    for line in gguf.describe(g.report):
+        print(f"{path.name}: {line}")
+    config = gguf.hf_config(g.metadata, g.tensors, path)
+    arch = g.metadata["general.architecture"]
     weights = {}
-    for name, value in tensors.items():
-        new = gguf.mlx_lm_name(name)
+    for name, value in g.tensors.items():
+        new = gguf.mlx_lm_name(name, arch)
         if new is not None:
             weights[new] = value
     qcfg = _infer_gguf_quantization(weights)
     if qcfg:
         config["quantization"] = qcfg
-    gguf.write_tokenizer(md, workdir, path)
-    return Source(path, config, weights, workdir)
+    gguf_tokenizer.write_tokenizer(g.metadata, workdir, path)
+    return Source(path, config, weights, workdir, bits_applied=g.quantized)
 
 
 def _infer_gguf_quantization(weights: dict[str, mx.array]) -> dict | None:
-    """mx.load gives every quantized GGUF tensor group size 32; bits follow from the shapes."""
+    """Every quantized GGUF tensor comes in groups of 32; bits follow from the shapes."""
     per_module = {}
     for name, scales in weights.items():
         if name.endswith(".scales"):
@@ -93,33 +107,72 @@ def _hf_source(path: Path) -> Source:
         raise ConvertError(
             f"{path}/config.json: quantization_config {config['quantization_config'].get('quant_method')!r} is not MLX's; use float or mlx-lm weights"
         )
+    mode = (config.get("quantization") or {}).get("mode", "affine")
+    if mode != "affine":
+        raise ConvertError(f"{path}/config.json: quantization mode {mode!r} is not supported (expected 'affine')")
     return Source(path, config, weights, path)
 
 
-def quant_params(qcfg: dict, module: str) -> dict:
-    """mlx-lm's quantization config: per-module overrides, else the defaults."""
-    own = qcfg.get(module)
-    if isinstance(own, dict):
-        return {"group_size": own["group_size"], "bits": own["bits"]}
-    return {"group_size": qcfg["group_size"], "bits": qcfg["bits"]}
-
-
-def _check_architecture(config: dict, where: Path) -> nn.Module:
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
+def _check_architecture(config: dict, where: Path) -> Architecture:
+    """The registry's description of this config's architecture; refuses what the flash FFN cannot compute."""
+    arch = architecture(config)
+    if arch is None:
+        _refuse_moe(config, where)
         raise ConvertError(
-            f"{where}: unsupported architecture model_type={model_type!r} (supported: {', '.join(SUPPORTED)})"
+            f"{where}: unsupported architecture model_type={config.get('model_type')!r} (supported: {', '.join(SUPPORTED)})"
         )
     if config.get("mlp_bias"):
-        raise ConvertError(f"{where}: mlp_bias=true is not supported for {model_type}")
-    act = config.get("hidden_act") or config.get("activation_function", "silu")
-    if act not in ACTIVATIONS:
-        raise ConvertError(f"{where}: hidden_act {act!r} not supported (supported: {', '.join(ACTIVATIONS)})")
-    model_class, args_class = model_classes(config)
+        raise ConvertError(f"{where}: mlp_bias=true is not supported for {arch.model_type}")
+    return arch
+
+
+def _build_model(arch: Architecture, config: dict, where: Path) -> nn.Module:
+    model_class, args_class = arch.classes(config)
     try:
         return model_class(args_class.from_dict(config))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConvertError(f"{where}: config.json does not fit mlx-lm's {arch.model_type} ({e!r})") from e
+
+
+def _sanitize(model: nn.Module, weights: dict, arch: Architecture, where: Path) -> dict:
+    """mlx-lm's own renaming/dropping of checkpoint tensors (vision towers, tied heads)."""
+    if not hasattr(model, "sanitize"):
+        return weights
+    try:
+        return model.sanitize(weights)
+    except KeyError as e:
+        raise ConvertError(
+            f"{where}: the weights do not look like a {arch.model_type} checkpoint ({e!r} missing)"
+        ) from e
+
+
+def ffn_activation(config: dict, where: Path | str = "config.json") -> str:
+    """The activation the bundle records (and the runtime applies) for this config."""
+    arch = _check_architecture(config, Path(where))
+    try:
+        return resolve_activation(arch, config)
     except ValueError as e:
-        raise ConvertError(f"{where}: {e}") from e  # lazy: parameters are never materialized
+        raise ConvertError(f"{where}: {e}") from e
+
+
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _refuse_moe(config: dict, where: Path) -> None:
+    """An MoE model type outside the registry: say why its experts cannot stream (their layout), if
+    mlx-lm has the architecture."""
+    if not any(isinstance(config.get(k), int) and config[k] > 0 for k in MOE_KEYS):
+        return
+    try:
+        model_class, args_class = _get_classes(config)  # mlx-lm's own class: the registry does not list it
+        model = model_class(args_class.from_dict(config))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return  # mlx-lm has no such model: the plain "unsupported architecture" message says it
+    moe_arch(model, config, where)  # raises with the reason for a layout the streaming experts cannot run
+    raise ConvertError(
+        f"{where}: model_type={config['model_type']!r} has SwitchGLU experts but is not in the MoE registry "
+        f"(supported: {', '.join(MOE_FAMILY)})"
+    )
 
 
 def _quantize_resident(model: nn.Module, weights: dict, qcfg: dict) -> dict:
@@ -139,29 +192,40 @@ def _quantize_resident(model: nn.Module, weights: dict, qcfg: dict) -> dict:
     return out
 
 
-def _source_names(config: dict) -> dict[str, str]:
-    """Where each FFN matrix sits in the source, by role."""
-    if config["model_type"] == "opt":
-        return {"up_proj": "fc1", "down_proj": "fc2"}
-    return {m: m for m in FFN_MATRICES}
-
-
-def _ffn_tensors(weights: dict, config: dict, layer: int, qcfg: dict | None, quantize: bool, dtype) -> dict:
+def _ffn_tensors(
+    weights: dict, arch: Architecture, config: dict, layer: int, qcfg: dict | None, quantize: bool, dtype
+) -> dict:
     """The layer's FFN as write_bundle takes it: {matrix: (weight,) or (weight, scales, biases)}, biases."""
+    prefix = f"model.layers.{layer}.mlp."
+    source = {m: (weights, prefix + src) for m, src in arch.matrices.items()}
+    if arch.fused_gate_up:  # rows 0..n are the gate, n..2n the up projection (codes, scales, biases alike)
+        fused = prefix + arch.fused_gate_up
+        n = config[arch.width_field]
+        if f"{fused}.weight" not in weights:
+            raise ConvertError(f"tensor {fused}.weight missing from the source")
+        halves = {}
+        for suffix in ("weight", "scales", "biases", "bias"):
+            if f"{fused}.{suffix}" in weights:
+                whole = weights[f"{fused}.{suffix}"]
+                if whole.shape[0] != 2 * n:
+                    raise ConvertError(f"tensor {fused}.{suffix}: {whole.shape[0]} rows, expected 2 x {n}")
+                halves[f"gate.{suffix}"], halves[f"up.{suffix}"] = whole[:n], whole[n:]
+        source.update(gate_proj=(halves, "gate"), up_proj=(halves, "up"))
     out = {}
-    for m, src in _source_names(config).items():
-        name = f"model.layers.{layer}.mlp.{src}"
-        w = weights.get(f"{name}.weight")
+    for m, (tensors, name) in source.items():
+        w = tensors.get(f"{name}.weight")
         if w is None:
             raise ConvertError(f"tensor {name}.weight missing from the source")
-        if f"{name}.scales" in weights:
-            out[m] = (w, weights[f"{name}.scales"], weights[f"{name}.biases"])
+        if f"{name}.scales" in tensors:
+            out[m] = (w, tensors[f"{name}.scales"], tensors[f"{name}.biases"])
         elif quantize:
-            out[m] = mx.quantize(w.astype(dtype) if dtype else w, **quant_params(qcfg, name))
+            out[m] = mx.quantize(w.astype(dtype) if dtype else w, **quant_params(qcfg, prefix + m))
         else:
             out[m] = (w.astype(dtype) if dtype else w,)
-        if f"{name}.bias" in weights:
-            bias = weights[f"{name}.bias"]
+        if f"{name}.bias" in tensors:
+            if m == "gate_proj" or not arch.ffn_biases:
+                raise ConvertError(f"tensor {name}.bias: biases in a {arch.model_type} MLP are not supported")
+            bias = tensors[f"{name}.bias"]
             out["up_bias" if m == "up_proj" else "down_bias"] = bias.astype(dtype) if dtype else bias
     return out
 
@@ -203,7 +267,7 @@ def write_bundle(
     config: dict,
     resident: dict[str, mx.array],
     ffn_layers: Iterable[dict[str, tuple]],
-    selector: dict | None = None,
+    selector: SelectorRecord | None = None,
     tokenizer_dir: Path | None = None,
     progress: bool = True,
 ) -> Path:
@@ -224,7 +288,7 @@ def write_bundle(
         hidden_size=config["hidden_size"],
         intermediate_size=ffn_width(config),
         gated=gated,
-        activation=config.get("hidden_act") or config.get("activation_function", "silu"),
+        activation=ffn_activation(config),
         dtype=dtype_name(scale_or_weight.dtype),
         quantization=q,
         record=RecordLayout.build(record_parts(config["hidden_size"], gated, dtype_name(scale_or_weight.dtype), q)),
@@ -274,27 +338,52 @@ def convert(
         raise ConvertError(f"--dtype {dtype}: expected float16, bfloat16 or float32")
     workdir = Path(tempfile.mkdtemp(prefix="mlxflash-convert-"))
     try:
-        return _convert(open_source(source, workdir), out, bits, group_size, cast, progress)
+        src = open_source(source, workdir, bits, dtype)
+        return _convert(src, out, None if src.bits_applied else bits, group_size, cast, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
     config = {k: v for k, v in src.config.items() if k != "quantization_config"}
-    model = _check_architecture(config, src.path)
-    weights = model.sanitize(dict(src.weights)) if hasattr(model, "sanitize") else dict(src.weights)
+    arch = _check_architecture(config, src.path)
+    ffn_activation(config.get("text_config", {}) if arch.text_model else config, src.path)  # refused first
+    model = _build_model(arch, config, src.path)  # lazy: parameters are never materialized
+    weights = _sanitize(model, dict(src.weights), arch, src.path)
+    if arch.text_model:  # the bundle holds the text model the wrapper runs (gemma3 -> gemma3_text)
+        config, weights = as_text_model(arch, config, weights)
+        arch = _check_architecture(config, src.path)
+        model = _build_model(arch, config, src.path)
+        weights = _sanitize(model, weights, arch, src.path)
     qcfg = config.get("quantization")
     if qcfg and bits:
         raise ConvertError(f"{src.path}: already quantized ({qcfg['bits']}-bit); --bits applies to float sources only")
     if bits:
         qcfg = config["quantization"] = {"group_size": group_size, "bits": bits}
+    moe = moe_arch(model, config, src.path) if config["model_type"] in MOE_FAMILY else None
+    if moe is not None:
+        return _convert_moe(src, out, model, moe, config, weights, bits, group_size, cast)
     resident = {k: v for k, v in weights.items() if ".mlp." not in k}
     if cast is not None:
         resident = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in resident.items()}
     if bits:
         resident = _quantize_resident(model, resident, qcfg)
-    ffn = (_ffn_tensors(weights, config, i, qcfg, bits is not None, cast) for i in range(config["num_hidden_layers"]))
+    layers = range(config["num_hidden_layers"])
+    ffn = (_ffn_tensors(weights, arch, config, i, qcfg, bits is not None, cast) for i in layers)
     return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress)
+
+
+def _convert_moe(src: Source, out: Path, model, arch: MoEArch, config, weights, bits, group_size, cast) -> Path:
+    """Routed experts to ffn.bin (one record per expert); everything else, router and shared experts
+    included, resident."""
+    resident = {k: v for k, v in weights.items() if f".{arch.module}." not in k}
+    if cast is not None:
+        resident = {k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in resident.items()}
+    if bits:
+        resident = _quantize_resident(model, resident, config["quantization"])
+    quant = {"group_size": group_size, "bits": bits} if bits else None
+    experts = (expert_tensors(weights, arch, layer, quant, cast) for layer in arch.layers)
+    return write_moe_bundle(out, config, arch, resident, experts, tokenizer_dir=src.tokenizer_dir)
 
 
 def read_ffn_layer(bundle, layer: int) -> dict[str, tuple]:

@@ -7,8 +7,8 @@ thread count, plus the sequential figure) and stores it as JSON. The runtime-fac
     curve.throughput(chunk_bytes, threads)                # bytes/s, interpolated
     predict_io_seconds(nbytes, chunk_bytes, threads, curve)
     plan = plan_io(curve, record_bytes)                   # threads and the coalescing gap
-    k = choose_window(cache_budget, layer_neurons, record_bytes, union_fraction)
-    plan_window(curve, cache_budget, layer_neurons, record_bytes, union, new)  # all of it at once
+
+The window k is the memory planner's (mlxflash.runtime.planner), from the selector's recorded unions.
 
 Interpolation is bilinear in (log2 chunk, log2 threads) and clamps outside the probed grid, so a
 prediction never extrapolates past what was measured. Along the chunk axis it uses the running
@@ -124,6 +124,34 @@ REFERENCE_CURVE = DiskCurve(
 )
 
 
+def spot_check(path: str | os.PathLike, chunk_bytes: int, threads: int, reads: int = 256, seed: int = 0) -> float:
+    """GB/s of `reads` random direct reads of `chunk_bytes` (rounded up to a page) with `threads` in
+    flight on the file at `path`, measured now: the curve's level under the machine's present load
+    (a shared machine's disk and CPUs are not what they were when the probe ran). Evicts the file after."""
+    chunk = -(-max(int(chunk_bytes), 1) // 4096) * 4096
+    reader = FlashReader(path, threads=threads)
+    try:
+        chunk = min(chunk, reader.size // 4096 * 4096)  # a small file: reads of all of it
+        if chunk == 0:
+            raise ValueError(f"{path}: {reader.size} bytes, smaller than one page")
+        _, dest = aligned_buffer(chunk * max(2 * threads, 4))
+        seconds = _timed_reads(
+            reader, reader.size - reader.size % chunk, chunk, reads, dest, np.random.default_rng(seed)
+        )
+    finally:
+        reader.close()
+        evict(path)
+    return reads * chunk / seconds / GB
+
+
+def rescaled(curve: DiskCurve, chunk_bytes: float, threads: int, gbps: float) -> DiskCurve:
+    """The curve's shape with its level set so that (chunk_bytes, threads) reads at `gbps` (a spot check)."""
+    factor = gbps * GB / curve.throughput(chunk_bytes, threads)
+    meta = {**curve.meta, "rescaled": {"chunk": int(chunk_bytes), "threads": threads, "gbps": gbps, "factor": factor}}
+    table = [[v * factor for v in row] for row in curve.gbps]
+    return DiskCurve(curve.chunks, curve.threads, table, curve.sequential_gbps * factor, meta)
+
+
 def predict_io_seconds(nbytes: float, chunk_bytes: float, threads: int, curve: DiskCurve) -> float:
     """Seconds to read `nbytes` in reads of `chunk_bytes` with `threads` in flight."""
     if nbytes <= 0:
@@ -154,59 +182,6 @@ def plan_io(curve: DiskCurve, chunk_bytes: int, max_threads: int = 64, within: f
     threads = next(t for t in options if curve.throughput(chunk_bytes, t) >= within * best)
     gap = coalesce_gap(curve, threads)
     return IOPlan(threads, gap, int(chunk_bytes), curve.throughput(chunk_bytes, threads) / GB)
-
-
-def choose_window(
-    cache_budget_bytes: float,
-    layer_neurons: Sequence[int],
-    record_bytes: Sequence[int] | int,
-    union_fraction: Sequence[float],
-) -> int:
-    """The largest window k whose neuron caches fit `cache_budget_bytes` (0 if not even k=1 fits).
-
-    `union_fraction[k-1]`: fraction of a layer's neurons held by the union of the last k tokens'
-    selections. Pass a high quantile (e.g. the 99th percentile from `traces.window_stats`), not the
-    mean: a cache is sized once, for its fullest token.
-    """
-    sizes = [record_bytes] * len(layer_neurons) if isinstance(record_bytes, int) else list(record_bytes)
-    per_fraction = sum(n * r for n, r in zip(layer_neurons, sizes))  # bytes if every neuron were cached
-    best = 0
-    for k, frac in enumerate(union_fraction, start=1):
-        if frac * per_fraction <= cache_budget_bytes:
-            best = k
-    return best
-
-
-def predict_token_io(new_fraction: float, ffn_bytes: float, run_bytes: float, plan: IOPlan, curve: DiskCurve) -> float:
-    """Seconds of I/O per token when `new_fraction` of the FFN is loaded in reads of about `run_bytes`."""
-    return predict_io_seconds(new_fraction * ffn_bytes, run_bytes, plan.threads, curve)
-
-
-@dataclass
-class WindowPlan:
-    window: int  # tokens whose selections stay cached (0: not even one token's fits)
-    threads: int
-    gap_records: int  # read through gaps of up to this many records
-    io_seconds: float  # predicted I/O per token
-
-
-def plan_window(
-    curve: DiskCurve,
-    cache_budget_bytes: float,
-    layer_neurons: Sequence[int],
-    record_bytes: int,
-    union_fraction: Sequence[float],
-    new_fraction: Sequence[float],
-    max_threads: int = 64,
-) -> WindowPlan:
-    """All of it at once: threads and gap for one-record reads, the largest window that fits, and the
-    I/O per token it implies (`new_fraction[k-1]` of the FFN loaded per token with a window of k;
-    `traces.window_stats` gives both fraction lists)."""
-    io = plan_io(curve, record_bytes, max_threads)
-    k = choose_window(cache_budget_bytes, layer_neurons, record_bytes, union_fraction)
-    ffn_bytes = sum(layer_neurons) * record_bytes
-    seconds = predict_token_io(new_fraction[k - 1], ffn_bytes, record_bytes, io, curve) if k else float("inf")
-    return WindowPlan(k, io.threads, io.gap_bytes // record_bytes, seconds)
 
 
 # ---- measuring (tools/disk_probe.py is the front end) ----

@@ -15,37 +15,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..arch.activations import ACTIVATIONS
+from ..errors import BundleError
 from ..format.bundle import FFNSpec
+from ..format.quant import transpose_packed, unpack_codes
 from .cache import NeuronCache, cached_masks, timed_update
 from .cpu import quantized_matmul
+from .dtypes import cast_floats, compute_dtype
 from .reader import FlashReader
 from .stats import RuntimeStats
-
-ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu}
-
-
-def unpack_codes(packed: mx.array, bits: int) -> mx.array:
-    """(n, k*32/bits... packed) uint32 -> (n, k) uint32 codes, little end first as MLX packs."""
-    per = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (n, k/per, per)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-
-
-def pack_codes(codes: mx.array, bits: int) -> mx.array:
-    """Inverse of unpack_codes along the last axis."""
-    per = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    return (grouped << shifts).sum(axis=-1).astype(mx.uint32)
-
-
-def transpose_packed(packed: mx.array, bits: int) -> mx.array:
-    """Transpose a matrix of packed codes: (a, b*bits/32) -> (b, a*bits/32). Lossless.
-
-    Turns MLX's packed down matrix (d, n) into per-neuron columns (n, d) and back.
-    """
-    return pack_codes(unpack_codes(packed, bits).T, bits)
 
 
 def _qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, q: dict) -> mx.array:
@@ -56,7 +34,8 @@ class FFN(nn.Module):
     """One layer's FFN; subclasses decide where the records come from.
 
     Its parameters are the resident pieces only: the down projection's group scales (quantized
-    bundles) and the biases (FFNs with biases). The records themselves never are parameters.
+    bundles) and the biases (FFNs with biases). The records themselves never are parameters. Math runs
+    in `compute_dtype` (float32 on the CPU): float fields of records are converted as they are used.
     """
 
     def __init__(self, layer: int, spec: FFNSpec, stats: RuntimeStats, biases: bool = False):
@@ -64,9 +43,11 @@ class FFN(nn.Module):
         self._layer = layer
         self._spec = spec
         self._stats = stats
+        if spec.activation not in ACTIVATIONS:
+            raise BundleError(f"flash.activation {spec.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
         self._act = ACTIVATIONS[spec.activation]
         n, d = spec.layers[layer].neurons, spec.hidden_size
-        dtype = getattr(mx, spec.dtype)
+        self.compute_dtype = dtype = compute_dtype(spec.dtype)
         if spec.quantization:
             groups = n // spec.quantization["down"]["group_size"]
             self.down_scales = mx.zeros((d, groups), dtype=dtype)
@@ -78,7 +59,7 @@ class FFN(nn.Module):
     def dense_weights(self, records: mx.array) -> dict[str, mx.array]:
         """All of a layer's records, in neuron order -> the weights `dense` multiplies with."""
         layout, q = self._spec.record, self._spec.quantization
-        w = {name: layout.view(records, name) for name in layout.names()}
+        w = cast_floats({name: layout.view(records, name) for name in layout.names()}, self.compute_dtype)
         if q:
             w["down.weight"] = transpose_packed(w["down.weight"], q["down"]["bits"])
         return w
@@ -124,6 +105,17 @@ class FFN(nn.Module):
         """h (..., n) of every neuron, in order -> the FFN's output (..., d)."""
         return self._output(self._partial_down(h, w, 0))
 
+    def partial(self, x: mx.array, w: dict[str, mx.array], first: int) -> mx.array:
+        """x (..., d) through neurons first..first+m only (dense weights `w` of those, in order): their
+        share of the output, without the output bias (`finish` adds it once). Hybrid layouts use it."""
+        m = w["up.weight"].shape[0]
+        up_bias = self.up_bias[first : first + m] if "up_bias" in self else None
+        return self._partial_down(self._hidden(x, w, up_bias), w, first)
+
+    def finish(self, y: mx.array) -> mx.array:
+        """The sum of `partial` shares -> the FFN's output (the output bias added)."""
+        return self._output(y)
+
     def _partial_down(self, h: mx.array, w: dict[str, mx.array], first: int) -> mx.array:
         """h (..., m) of neurons first..first+m (dense weights `w` of those, in order) -> their share of
         the output, without the bias. Quantized: the slice starts and ends on down-projection groups."""
@@ -137,6 +129,7 @@ class FFN(nn.Module):
     def sparse(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
         """x: (..., d) through the neurons `ids` whose record fields are `w` ({name: (n, count)}), in any order."""
         q = self._spec.quantization
+        w = cast_floats(w, self.compute_dtype)  # the selected rows only (weights, or group scales)
         h = self._hidden(x, w, self.up_bias[ids] if "up_bias" in self else None)  # (..., n)
         if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
             group = ids // q["down"]["group_size"]

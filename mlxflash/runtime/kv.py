@@ -74,7 +74,8 @@ class KVPlan:
         )
 
 
-def kv_plan(config: dict, max_kv_size: int | None, kv_bits: int | None) -> KVPlan:
+def kv_plan(config: dict, max_kv_size: int | None, kv_bits: int | None, dtype_bytes: int | None = None) -> KVPlan:
+    """The KV cache's plan; `dtype_bytes`: its keys' and values' dtype, the compute dtype (float32 on the CPU)."""
     if max_kv_size is not None and max_kv_size < 1:
         raise UsageError(f"--max-kv-size {max_kv_size}: must be at least 1 token")
     if kv_bits is not None and kv_bits not in KV_BITS:
@@ -87,7 +88,7 @@ def kv_plan(config: dict, max_kv_size: int | None, kv_bits: int | None) -> KVPla
     context = config.get("max_position_embeddings")
     if max_kv_size and context and max_kv_size > context:
         max_kv_size = context  # no conversation can be longer than the model's context anyway
-    return KVPlan(max_kv_size, kv_bits, kv_bytes_per_token(config, bits=kv_bits), kv_group(config))
+    return KVPlan(max_kv_size, kv_bits, kv_bytes_per_token(config, dtype_bytes, kv_bits), kv_group(config))
 
 
 def make_kv_cache(model: nn.Module, plan: KVPlan | None) -> list:

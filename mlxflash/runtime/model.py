@@ -7,72 +7,31 @@ mode's source: all in memory (`resident`) or the whole block re-read at every to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from ..arch.registry import SUPPORTED, model_classes
-from ..errors import BundleError, UsageError
-from ..format.bundle import Bundle
-from ..format.convert import quant_params
+from ..arch.registry import architecture
+from ..errors import BundleError
+from ..format.bundle import Bundle, dtype_name
+from ..format.quant import quant_params
+from . import planner
+from .blocks import BlockSource
 from .costmodel import DiskCurve, plan_io
 from .cpu import speed_up_prompts
+from .dtypes import cast_floats, compute_dtype
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .kv import KVPlan, kv_plan
-from .planner import (
-    MODES,
-    SELECTORS,
-    Plan,
-    TooSmall,
-    choose_mode,
-    model_bytes,
-    plan_flash,
-    prompt_chunk_rows,
-    resident_weights_bytes,
-)
+from .planner import Budget, Plan, PlanRequest, prompt_chunk_rows
 from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
-from .selectors import (
-    SKETCH_GROUP,
-    AllSelector,
-    GateSelector,
-    PredictorSelector,
-    Selector,
-    gate_rows,
-    gate_sketch,
-    predictor_prefix,
-)
+from .selectors import Selector
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 
-DENSITY_MARGIN = 0.9  # re-thresholded selectors aim below the cache's capacity
-MIN_DENSITY = 0.05
 CACHE_LIMIT = 4 << 20  # bytes of freed buffers MLX may keep for reuse under a memory budget
-
-
-class BlockSource:
-    """Reads layer blocks, whole (naive mode) or in slices of `rows` records (flash prompts), into one
-    shared, aligned buffer: the only FFN memory of the naive mode."""
-
-    def __init__(self, bundle: Bundle, reader: FlashReader, rows: int | None = None):
-        self.bundle, self.reader = bundle, reader
-        spec = bundle.spec
-        self.rows = rows or max(b.neurons for b in spec.layers)
-        self._buffer, self._view = aligned_buffer(self.rows * spec.record.nbytes)
-
-    def read_block(self, layer: int) -> mx.array:
-        return self.read_rows(layer, 0, self.bundle.spec.layers[layer].neurons)
-
-    def read_rows(self, layer: int, first: int, count: int) -> mx.array:
-        """Records first..first+count of a layer (count <= rows): (count, R), valid until the next read."""
-        spec = self.bundle.spec
-        R = spec.record.nbytes
-        self.reader.read([(spec.layers[layer].offset + first * R, self._view[: count * R])])
-        return self._buffer[: count * R].reshape(count, R)
 
 
 @dataclass
@@ -89,6 +48,7 @@ class FlashRuntime:
     options: FlashOptions | None = None
     selector: Selector | None = None
     ffns: list = field(default_factory=list)
+    compute_dtype: str = "float32"  # what the math runs in (float32 on the CPU, the bundle's dtype on Metal)
     kv: KVPlan = field(default_factory=lambda: KVPlan(None, None, 0))
 
     @property
@@ -107,7 +67,15 @@ class FlashRuntime:
     def token_stats(self) -> TokenStats:
         r = self.reader
         neurons = sum(b.neurons for b in self.bundle.spec.layers)
-        return TokenStats(self.mode, self.ffn_bytes, self.resident_bytes, r.direct_io, r.io_note, neurons)
+        return TokenStats(
+            self.mode,
+            self.ffn_bytes,
+            self.resident_bytes,
+            r.direct_io,
+            r.io_note,
+            neurons,
+            compute_dtype=self.compute_dtype,
+        )
 
     def live(self) -> dict:
         """Figures that change as the model runs (cache contents) and the plan's."""
@@ -151,7 +119,7 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 def load_model(
     path: str | Path,
     mode: str | None = None,
-    memory: str | int | None = None,
+    memory: str | int | Budget | None = None,
     selector: str | Selector | None = None,
     window: int | None = None,
     gap: int | str | None = None,
@@ -174,20 +142,21 @@ def load_model(
     more compute; off by default: on the default model it did not improve answers). max_kv_size bounds a
     conversation's tokens and reserves their KV cache (kv_bits: quantized) inside the budget (runtime/kv.py).
     """
-    if mode is not None and mode not in MODES:
-        raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     bundle = Bundle.open(path, verify=verify)
+    dtype = compute_dtype(bundle.spec.dtype)  # CPU: float32 (float16 math is ~45x slower); the KV cache too
+    kv = kv_plan(bundle.config, max_kv_size, kv_bits, dtype_bytes=dtype.size)
+    budget = Budget.of(bundle, memory, kv.reserved_bytes)
+    planner.choose_mode(budget, mode)  # a mode the budget cannot take is refused before anything is built
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     overhead = current_rss_bytes()  # the runtime itself: Python, MLX, mlx-lm, the tokenizer
-    kv = kv_plan(bundle.config, max_kv_size, kv_bits)
-    mode, budget = choose_mode(bundle, mode, memory, kv.reserved_bytes)
     config = bundle.config
-    if config.get("model_type") not in SUPPORTED:
+    arch = architecture(config)
+    if arch is None:
         raise BundleError(
             f"{bundle.path}/config.json: unsupported architecture model_type={config.get('model_type')!r}"
         )
-    model_class, args_class = model_classes(config)
+    model_class, args_class = arch.classes(config)
     model = model_class(args_class.from_dict(config))
     io_plan = plan_io(DiskCurve.load_or_default(), bundle.spec.record.nbytes)
     reader = FlashReader(bundle.ffn_path, threads=threads or io_plan.threads)
@@ -197,16 +166,20 @@ def load_model(
         page = DIRECT_ALIGN // bundle.spec.record.nbytes - 1 if reader.direct_io else 0
         gap = max(0, page, io_plan.gap_bytes // bundle.spec.record.nbytes)
     stats = RuntimeStats(io=reader.counters)
-    weights = bundle.resident_weights()
+    weights = cast_floats(bundle.resident_weights(), dtype)
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
-    plan = Plan(mode, budget, model_bytes(bundle), resident_weights_bytes(bundle), 0, 0, kv_bytes=kv.reserved_bytes)
-    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan, kv=kv)
-    if mode == "flash":
-        runtime.selector, plan = _plan_flash(
-            bundle, reader, weights, selector, budget, window, density, gate_bits, kv.reserved_bytes
+    try:
+        chosen, plan = planner.plan(
+            bundle, budget, PlanRequest(mode, selector, window, density, gate_bits), reader, weights
         )
-        runtime.plan = plan
+    except Exception:
+        reader.close()
+        raise
+    mode = plan.mode
+    runtime = FlashRuntime(bundle, mode, reader, stats, plan.resident_bytes, overhead, plan, selector=chosen, kv=kv)
+    runtime.compute_dtype = dtype_name(dtype)
+    if mode == "flash":
         runtime.options = FlashOptions(
             window=plan.window,
             gap=gap,
@@ -236,13 +209,17 @@ def load_model(
     elif mode == "flash":
         runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
     model.eval()
-    if budget is not None:  # freed buffers go back to the system instead of MLX's cache
+    if budget.bytes is not None:  # freed buffers go back to the system instead of MLX's cache
         mx.set_cache_limit(CACHE_LIMIT)
     model.flash = runtime
     return model, tokenizer
 
 
 def _load_resident(model: nn.Module, bundle: Bundle, weights: dict) -> None:
+    """The resident weights (already in the compute dtype) into the model, as mlx-lm's loader does:
+    sanitized by the model class (gemma3 decides there whether its head is tied), then quantized modules."""
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(dict(weights))
     qcfg = bundle.config.get("quantization")
     if qcfg:
         nn.quantize(
@@ -270,94 +247,6 @@ def read_all_records(bundle: Bundle, reader: FlashReader) -> list[mx.array]:
 def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> None:
     for records, block in zip(read_all_records(bundle, reader), _layers(model)):
         block.mlp.set_records(records)
-
-
-def _plan_flash(
-    bundle, reader, weights, choice, budget, window, density, gate_bits, kv_bytes=0
-) -> tuple[Selector, Plan]:
-    """The selector and the plan. A predictor or gate selector whose density does not fit the budget
-    is re-thresholded (predictor: from its score quantiles; gate: top-k) to the largest that does."""
-    selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
-    explicit = (
-        density
-        if density is not None
-        else (getattr(selector, "top_k", None) or 0) / bundle.spec.intermediate_size or None
-    )
-    try:
-        return selector, plan_flash(
-            bundle, budget, selector.kind, selector.resident_bytes, window, explicit, reader.scratch_bytes, kv_bytes
-        )
-    except TooSmall as e:
-        top_k = selector.kind == "gate"  # selects exactly its share: the whole cache may be used
-        fits = e.plan.capacity / e.plan.neurons * (1.0 if top_k else DENSITY_MARGIN)
-        adjustable = top_k or (selector.kind == "predictor" and (bundle.spec.selector or {}).get("density_grid"))
-        if density is not None or not adjustable or fits < MIN_DENSITY:
-            raise
-        density = fits if top_k else math.floor(fits / MIN_DENSITY) * MIN_DENSITY
-        selector = make_selector(bundle, reader, weights, choice, density, gate_bits)
-        plan = plan_flash(
-            bundle, budget, selector.kind, selector.resident_bytes, window, density, reader.scratch_bytes, kv_bytes
-        )
-        plan.note = (
-            f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
-        )
-        return selector, plan
-
-
-def make_selector(
-    bundle: Bundle,
-    reader: FlashReader,
-    weights: dict,
-    choice: str | Selector | None,
-    density: float | None = None,
-    gate_bits: int | None = None,
-) -> Selector:
-    """The selector asked for, else the one recorded in the bundle."""
-    if isinstance(choice, Selector) or (choice is not None and not isinstance(choice, str)):
-        return choice
-    recorded = bundle.spec.selector or {}
-    choice = choice or recorded.get("kind")
-    if choice is None:
-        raise UsageError(
-            f"{bundle.path}: flash mode needs a selector and this bundle has no predictors; train them with "
-            "`python tools/train_predictors.py BUNDLE --text FILE`, or pass --selector gate (gated FFNs) or all"
-        )
-    if choice not in SELECTORS:
-        raise UsageError(f"selector {choice!r}: expected one of {', '.join(SELECTORS)}")
-    spec = bundle.spec
-    if choice == "all":
-        return AllSelector([b.neurons for b in spec.layers])
-    if choice == "predictor":
-        if "predictor_threshold" not in recorded or predictor_prefix(0) + "a.weight" not in weights:
-            raise UsageError(
-                f"{bundle.path}: no predictors in this bundle; train them with `python tools/train_predictors.py {bundle.path} --text FILE`"
-            )
-        if density is None:
-            return PredictorSelector(weights, recorded["predictor_threshold"])
-        if "score_quantiles" not in recorded:
-            raise UsageError(
-                f"{bundle.path}: these predictors carry no score quantiles; retrain them to choose a density"
-            )
-        grid = recorded["density_grid"]
-        logits = [float(np.interp(density, grid, q)) for q in recorded["score_quantiles"]]
-        return PredictorSelector(weights, logits=logits)
-    if not spec.gated:
-        raise UsageError(f"{bundle.path}: the gate selector needs a gated (SwiGLU) FFN")
-    if gate_bits is None and choice == recorded.get("kind"):
-        gate_bits = recorded.get("gate_bits")
-    if density is None and gate_bits is not None:  # thresholds were calibrated on the exact gate: use top-k
-        density = recorded.get("gate_density")
-    if density is None and "gate_threshold" not in recorded:
-        raise UsageError(
-            f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} "
-            "--text FILE`, or give a --density"
-        )
-    gates, q = gate_rows(bundle, BlockSource(bundle, reader)), spec.quantization
-    if gate_bits is not None:  # a lossy, smaller copy of the gate, for selection only
-        gates, q = gate_sketch(gates, q, gate_bits), {"gate": {"bits": gate_bits, "group_size": SKETCH_GROUP}}
-    if density is not None:
-        return GateSelector(gates, q, None, top_k=max(1, int(round(density * spec.intermediate_size))))
-    return GateSelector(gates, q, recorded["gate_threshold"])
 
 
 def record_parts_spans(spec) -> list[tuple[int, int]]:

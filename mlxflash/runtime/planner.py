@@ -1,23 +1,38 @@
-"""The memory plan: from a DRAM budget, what stays resident, the window size and the cache capacities.
+"""The memory plan: from a DRAM budget and a request, the selector, what stays resident, the window
+and the cache capacities. One entry, `plan(bundle, budget, request, reader, weights) -> (selector, Plan)`;
+`Budget.of(bundle, memory)` is the one place a --memory value is parsed.
 
 Fixed in DRAM: the resident weights (embeddings, attention, norms, LM head, FFN biases and group
-scales), what the selector keeps (the predictors, or the gate rows or their sketch) and a slice of a layer's
-FFN block for prompt processing, plus the staging buffer reads land in. A share of "the model" (`--memory 75%`) is of its weights: predictors are
-not part of it. The rest of the budget is the neuron cache, split evenly over layers.
-The window k is the largest whose expected union of selections (measured when the predictors were
-trained) fits a layer's cache. Not in the budget: the KV cache and the runtime itself (Python, MLX,
-tokenizer), reported as the fixed overhead.
+scales), what the selector keeps (the predictors, or the gate rows or their sketch) and a slice of a
+layer's FFN block for prompt processing, plus the staging buffer reads land in. A share of "the
+model" (`--memory 75%`) is of its weights: predictors are not part of it. The rest of the budget is
+the neuron cache, split evenly over layers. The window k is the largest whose expected union of
+selections (the record's `SelectionStats`, measured when the selectors were calibrated) fits a
+layer's cache. A selector whose density does not fit is re-thresholded to the largest that does.
+Not in the budget: the KV cache and the runtime itself (Python, MLX, tokenizer), reported as the
+fixed overhead.
+
+Extending it: a new resident term (the KV cache, say) is a field of `Plan` counted in `fixed_bytes`;
+a different way to pick the density (a quality table) replaces `_fitting_density`; a cache of other
+units (MoE experts: runtime/moe_plan.py) plans from the same `Budget` and `choose_mode`.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
 
 from ..errors import UsageError
 from ..format.bundle import Bundle
+from ..format.moe import MoEBundle
 from .cache import staging_bytes
+from .moe_plan import MoEPlan, plan_moe
+from .reader import FlashReader
+from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_selector, predictor_selector
+from .traces import Trace
 
 MODES = ("resident", "naive", "flash")
 SELECTORS = ("predictor", "gate", "all")
@@ -35,6 +50,8 @@ _UNITS = {
     "TIB": 2**40,
 }
 MAX_WINDOW = 8
+DENSITY_MARGIN = 0.9  # re-thresholded predictors aim below the cache's capacity
+MIN_DENSITY = 0.05
 
 
 def parse_memory(text: str | int | float, model_bytes: int) -> int:
@@ -81,8 +98,14 @@ class Plan:
         return self.capacity * self.record_bytes * self.layers
 
     @property
+    def fixed_bytes(self) -> int:
+        """What stays in DRAM whatever the tokens (the KV cache --max-kv-size reserves included): the
+        budget's neuron cache is what is left of it."""
+        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes + self.kv_bytes
+
+    @property
     def planned_bytes(self) -> int:
-        return self.resident_bytes + self.selector_bytes + self.prompt_buffer_bytes + self.cache_bytes + self.kv_bytes
+        return self.fixed_bytes + self.cache_bytes
 
     def describe(self) -> str:
         budget = (
@@ -120,77 +143,197 @@ def resident_weights_bytes(bundle: Bundle) -> int:
     return bundle.resident_bytes - bundle.predictor_bytes
 
 
-def choose_mode(bundle: Bundle, mode: str | None, memory, kv_bytes: int = 0) -> tuple[str, int | None]:
-    """The mode and budget; a share (`75%`) is of the weights, and `kv_bytes` (the KV cache --max-kv-size
-    reserves) must fit beside them."""
-    total = model_bytes(bundle)
-    budget = parse_memory(memory, total) if memory is not None else None
+@dataclass(frozen=True)
+class Budget:
+    """A --memory value parsed against a bundle: `bytes` (None: no limit) and the model it is a share of."""
+
+    bytes: int | None
+    model_bytes: int
+    kv_bytes: int = 0  # the KV cache --max-kv-size reserves inside the budget (runtime/kv.py)
+
+    @classmethod
+    def of(cls, bundle: Bundle, memory: str | int | float | Budget | None, kv_bytes: int = 0) -> Budget:
+        """A share (`75%`) is of the weights; `kv_bytes` must fit beside them."""
+        if isinstance(memory, Budget):
+            return replace(memory, kv_bytes=kv_bytes) if kv_bytes else memory
+        total = model_bytes(bundle)
+        return cls(parse_memory(memory, total) if memory is not None else None, total, kv_bytes)
+
+    @property
+    def below_model(self) -> bool:
+        return self.bytes is not None and self.bytes < self.model_bytes + self.kv_bytes
+
+
+def choose_mode(budget: Budget, mode: str | None) -> str:
+    """The mode asked for, else flash when the budget is below the model, else resident."""
+    if mode is not None and mode not in MODES:
+        raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode is None:
-        mode = "flash" if budget is not None and budget < total + kv_bytes else "resident"
-    if mode == "resident" and budget is not None and budget < total + kv_bytes:
-        kv = f" and its KV cache ({_mb(kv_bytes)}, --max-kv-size)" if kv_bytes else ""
+        mode = "flash" if budget.below_model else "resident"
+    if mode == "resident" and budget.below_model:
+        kv = f" and its KV cache ({_mb(budget.kv_bytes)}, --max-kv-size)" if budget.kv_bytes else ""
         raise UsageError(
-            f"resident mode needs the whole model ({_mb(total)}){kv}, {_mb(total + kv_bytes)}, but --memory "
-            f"allows {_mb(budget)}; use --mode flash"
+            f"resident mode needs the whole model ({_mb(budget.model_bytes)}){kv}, "
+            f"{_mb(budget.model_bytes + budget.kv_bytes)}, but --memory allows {_mb(budget.bytes)}; use --mode flash"
         )
-    return mode, budget
+    return mode
 
 
-def plan_flash(
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the caller asked for; None: what the bundle records and the budget allow.
+
+    selector: "predictor", "gate", "all" or a Selector object (used as it is); density: the share of
+    neurons to select (re-thresholds the selector); gate_bits: the gate selector's sketch."""
+
+    mode: str | None = None
+    selector: str | Selector | None = None
+    window: int | None = None
+    density: float | None = None
+    gate_bits: int | None = None
+    policy: str = "lru"  # MoE bundles: the expert cache's eviction policy
+    slots: int | None = None  # MoE bundles: expert slots per layer (None: what the budget allows)
+    routing: Trace | None = None  # MoE bundles: a routing trace to expect hit rates on (None: the generator)
+
+
+def plan(
     bundle: Bundle,
-    budget: int | None,
-    selector: str,
-    selector_bytes: int,
-    window: int | None = None,
-    density: float | None = None,
-    read_scratch: Callable[[int], int] | None = None,
-    kv_bytes: int = 0,
-) -> Plan:
-    """Cache capacities and window for flash mode within `budget` (None: cache the whole FFN).
+    budget: Budget,
+    request: PlanRequest,
+    reader: FlashReader,
+    weights: dict[str, mx.array] | None = None,
+) -> tuple[Selector | None, Plan | MoEPlan]:
+    """The mode, and in flash mode the selector and the cache plan. `reader` reads the gate selector's
+    rows and sizes its scratch buffers; `weights` are the resident tensors in the compute dtype (the
+    predictors among them; not needed for an MoE bundle). Raises TooSmall when not even one token's neurons fit."""
+    mode = choose_mode(budget, request.mode)
+    if isinstance(bundle, MoEBundle):  # experts, not neurons: moe_plan sizes the expert slots
+        return None, plan_moe(
+            bundle,
+            mode,
+            budget.bytes,
+            request.policy,
+            reader.threads,
+            None,
+            request.routing,
+            reader.scratch_bytes,
+            request.slots,
+        )
+    if mode != "flash":
+        return None, Plan(
+            mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0, kv_bytes=budget.kv_bytes
+        )
+    selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
+    try:
+        return selector, _size_flash(bundle, budget, selector, request.window, reader)
+    except TooSmall as e:
+        density = _fitting_density(bundle, selector, request, e.plan)
+        if density is None:
+            raise
+        selector = selector.at_density(bundle.spec.selector, density)
+        fitted = _size_flash(bundle, budget, selector, request.window, reader)
+        fitted.note = (
+            f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
+        )
+        return selector, fitted
 
-    `density` is the share of neurons the selector will pick (None: as measured at training);
-    `read_scratch(largest_read)`: the reader threads' buffers for unaligned direct reads
-    (`FlashReader.scratch_bytes`); `kv_bytes`: the KV cache the budget must also hold (runtime/kv.py)."""
+
+def make_selector(
+    bundle: Bundle,
+    reader: FlashReader,
+    weights: dict[str, mx.array],
+    choice: str | Selector | None,
+    density: float | None = None,
+    gate_bits: int | None = None,
+) -> Selector:
+    """The selector asked for (a Selector object as it is), else the one the bundle records; at its
+    calibrated thresholds, or re-thresholded to `density`."""
+    if choice is not None and not isinstance(choice, str):
+        return choice
+    record = bundle.spec.selector
+    choice = choice or (record.kind if record else None)
+    if choice is None:
+        raise UsageError(
+            f"{bundle.path}: flash mode needs a selector and this bundle has no predictors; train them with "
+            "`python tools/train_predictors.py BUNDLE --text FILE`, or pass --selector gate (gated FFNs) or all"
+        )
+    if choice not in SELECTORS:
+        raise UsageError(f"selector {choice!r}: expected one of {', '.join(SELECTORS)}")
+    if choice == "all":
+        return AllSelector([b.neurons for b in bundle.spec.layers])
+    if choice == "predictor":
+        return predictor_selector(bundle, weights, density)
+    if gate_bits is None and record and choice == record.kind:
+        gate_bits = record.gate_bits
+    if density is None and gate_bits is not None and record:  # thresholds were calibrated on the exact gate
+        density = record.gate_density
+    return gate_selector(bundle, reader, density, gate_bits)
+
+
+def _fitting_density(bundle: Bundle, selector: Selector, request: PlanRequest, too_big: Plan) -> float | None:
+    """The largest density whose selections fit the cache `too_big` could offer, or None where the
+    selector cannot be re-thresholded (a density was asked for, no calibration, or under MIN_DENSITY)."""
+    record = bundle.spec.selector
+    top_k = isinstance(selector, GateSelector)  # selects exactly its share: the whole cache may be used
+    calibrated = isinstance(selector, PredictorSelector) and record is not None and record.density_grid
+    given = request.selector is not None and not isinstance(request.selector, str)  # the caller's own object
+    if request.density is not None or given or not (top_k or calibrated):
+        return None
+    fits = too_big.capacity / too_big.neurons * (1.0 if top_k else DENSITY_MARGIN)
+    if fits < MIN_DENSITY:
+        return None
+    return fits if top_k else math.floor(fits / MIN_DENSITY) * MIN_DENSITY
+
+
+def _size_flash(bundle: Bundle, budget: Budget, selector: Selector, window: int | None, reader: FlashReader) -> Plan:
+    """Cache capacities and window for `selector` within the budget (no limit: cache the whole FFN)."""
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
     slice_bytes, staging = prompt_chunk_rows(spec) * R, staging_bytes(n, R)  # no read is larger than these
-    scratch = read_scratch(max(slice_bytes, staging)) if read_scratch else 0
-    prompt_buffer = slice_bytes + staging + scratch  # all the I/O buffers
+    prompt_buffer = slice_bytes + staging + reader.scratch_bytes(max(slice_bytes, staging))  # all the I/O buffers
     plan = Plan(
         "flash",
-        budget,
-        model_bytes(bundle),
+        budget.bytes,
+        budget.model_bytes,
         resident_weights_bytes(bundle),
-        selector_bytes,
+        selector.resident_bytes,
         prompt_buffer,
         neurons=n,
         record_bytes=R,
         layers=layers,
-        selector=selector,
-        kv_bytes=kv_bytes,
+        selector=selector.kind,
+        kv_bytes=budget.kv_bytes,
     )
-    stats = (spec.selector or {}).get("stats", {}).get(selector, {})
-    union = stats.get("window_union") or [] if density is None else []  # union share of n, windows 1..8
-    density = density if density is not None else (1.0 if selector == "all" else stats.get("density", 0.0))
+    density, union = _expected_selection(bundle, selector)
     plan.density = density
-    if budget is None:
+    if budget.bytes is None:
         plan.capacity = n
     else:
-        fixed = plan.resident_bytes + selector_bytes + prompt_buffer + kv_bytes
-        plan.capacity = min(n, max(0, (budget - fixed) // (layers * R)))
+        plan.capacity = min(n, max(0, (budget.bytes - plan.fixed_bytes) // (layers * R)))
         need = max(1, int(n * max(density, union[0] if union else 0.0)))
         if plan.capacity < need:
             raise TooSmall(
-                f"--memory {_mb(budget)} is too small: {_mb(fixed)} must stay resident (weights "
-                f"{_mb(plan.resident_bytes)}, selector {_mb(selector_bytes)}, I/O buffers {_mb(prompt_buffer)}"
-                + (f", KV cache {_mb(kv_bytes)} for --max-kv-size" if kv_bytes else "")
+                f"--memory {_mb(budget.bytes)} is too small: {_mb(plan.fixed_bytes)} must stay resident (weights "
+                f"{_mb(plan.resident_bytes)}, selector {_mb(plan.selector_bytes)}, I/O buffers {_mb(prompt_buffer)}"
+                + (f", KV cache {_mb(plan.kv_bytes)} for --max-kv-size" if plan.kv_bytes else "")
                 + ") and "
                 f"the cache needs at least {_mb(need * layers * R)} for one token's neurons at density {density:.2f}; "
-                f"the smallest workable budget is about {_mb(fixed + need * layers * R)}",
+                f"the smallest workable budget is about {_mb(plan.fixed_bytes + need * layers * R)}",
                 plan,
             )
     plan.window = window if window is not None else _largest_window(plan.capacity, n, union, density)
     return plan
+
+
+def _expected_selection(bundle: Bundle, selector: Selector) -> tuple[float, tuple[float, ...]]:
+    """(share of neurons selected per token, union share for windows 1..8): the selector's own density
+    when it is set to one (no union measured at it), else what the record measured for its kind."""
+    own = getattr(selector, "density", None)  # duck-typed selectors (a replayed trace) may not say
+    if own is not None:
+        return own, ()
+    record = bundle.spec.selector
+    stats = record.stats_for(selector.kind) if record else None
+    return (stats.density, stats.window_union) if stats else (0.0, ())
 
 
 PROMPT_CHUNKS = 8  # a prompt reads each layer's block in this many sequential slices
@@ -211,7 +354,7 @@ class TooSmall(UsageError):
         self.plan = plan
 
 
-def _largest_window(capacity: int, n: int, union: list[float], density: float) -> int:
+def _largest_window(capacity: int, n: int, union: tuple[float, ...], density: float) -> int:
     if union:
         fits = [k + 1 for k, share in enumerate(union) if share * n <= capacity]
         return max(fits) if fits else 1

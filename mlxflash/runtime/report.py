@@ -30,6 +30,14 @@ def _placement(rt) -> str:
     return f"{where}; streams: the whole FFN, {_mb(ffn)} from {rt.bundle.ffn_path.name}, every layer at every token"
 
 
+def _compute(rt) -> str:
+    """Which dtype the math runs in, and why when it is not the stored one."""
+    stored = rt.bundle.spec.dtype
+    if rt.compute_dtype == stored:
+        return f"  compute: {rt.compute_dtype}"
+    return f"  compute: {rt.compute_dtype} (the bundle stores {stored}; MLX's CPU {stored} math is many times slower)"
+
+
 def load_report(model: nn.Module) -> str:
     """A few lines saying where the model's bytes live (memory or flash), the budget, the KV cache."""
     rt = model.flash
@@ -42,6 +50,7 @@ def load_report(model: nn.Module) -> str:
         lines.append(plan.describe())
     if plan is None or rt.mode != "flash":
         lines.append(_placement(rt))
+    lines.append(_compute(rt))
     kv = rt.kv
     full = f" ({_mb(kv.bytes_for(context))} at the full {context})" if context and kv.tokens is None else ""
     lines.append(kv.describe() + full)

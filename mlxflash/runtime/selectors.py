@@ -15,13 +15,18 @@ One interface: `select(layer, x)` takes the FFN inputs x (T, d) and returns a bo
 
 from __future__ import annotations
 
+import copy
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..errors import UsageError
 from ..format.bundle import Bundle
+from ..format.selector_record import SelectorRecord
+from .blocks import BlockSource
+from .reader import FlashReader
 
 PREDICTOR_KEYS = ("a.weight", "b.weight", "b.bias")
 
@@ -31,10 +36,12 @@ def predictor_prefix(layer: int) -> str:
 
 
 class Selector:
-    """Base class; `resident_bytes` is the DRAM the selector itself keeps."""
+    """Base class; `resident_bytes` is the DRAM the selector itself keeps, `density` the share of neurons
+    it is set to pick (None: whatever its calibrated thresholds pick, as the bundle's record measured)."""
 
     kind = "base"
     resident_bytes = 0
+    density: float | None = None
 
     def select(self, layer: int, x: mx.array) -> mx.array:
         raise NotImplementedError
@@ -42,6 +49,7 @@ class Selector:
 
 class AllSelector(Selector):
     kind = "all"
+    density = 1.0
 
     def __init__(self, neurons: list[int]):
         self.neurons = neurons
@@ -54,9 +62,13 @@ class PredictorSelector(Selector):
     kind = "predictor"
 
     def __init__(
-        self, weights: dict[str, mx.array], thresholds: list[float] | None = None, logits: list[float] | None = None
+        self,
+        weights: dict[str, mx.array],
+        thresholds: list[float] | None = None,
+        logits: list[float] | None = None,
+        density: float | None = None,
     ):
-        """Per-layer thresholds as probabilities, or directly as pre-sigmoid `logits`."""
+        """Per-layer thresholds as probabilities, or directly as pre-sigmoid `logits` (chosen to pick `density`)."""
         layers = len(thresholds if logits is None else logits)
         self.a = [weights[predictor_prefix(i) + "a.weight"] for i in range(layers)]  # (r, d)
         self.b = [weights[predictor_prefix(i) + "b.weight"] for i in range(layers)]  # (n, r)
@@ -64,6 +76,16 @@ class PredictorSelector(Selector):
         # sigmoid(z) > t  <=>  z > logit(t): no sigmoid at run time
         self.logit = logits if logits is not None else [math.log(t / (1 - t)) for t in thresholds]
         self.resident_bytes = sum(m.nbytes for m in (*self.a, *self.b, *self.bias))
+        self.density = density
+
+    def at_density(self, record: SelectorRecord, density: float) -> PredictorSelector:
+        """The same predictors, re-thresholded from the record's score quantiles to pick `density`."""
+        if not record.score_quantiles:
+            raise UsageError("these predictors carry no score quantiles; retrain them to choose a density")
+        out = copy.copy(self)
+        out.logit = [float(np.interp(density, record.density_grid, q)) for q in record.score_quantiles]
+        out.density = density
+        return out
 
     def scores(self, layer: int, x: mx.array) -> mx.array:
         """Pre-sigmoid scores (T, n)."""
@@ -82,6 +104,12 @@ class GateSelector(Selector):
         self.gates, self.q = gates, quantization
         self.thresholds, self.top_k = thresholds, top_k
         self.resident_bytes = sum(sum(a.nbytes for a in g) for g in gates)
+        self.density = top_k / gates[0][0].shape[0] if top_k else None  # top-k picks exactly its share
+
+    def at_density(self, record: SelectorRecord | None, density: float) -> GateSelector:
+        """The same gate rows, selecting each token's top `density` share."""
+        n = self.gates[0][0].shape[0]
+        return GateSelector(self.gates, self.q, None, top_k=max(1, int(round(density * n))))
 
     def magnitude(self, layer: int, x: mx.array) -> mx.array:
         """|silu(gate . x)| for every neuron: (T, n)."""
@@ -132,10 +160,10 @@ def gate_sketch(gates: list[tuple], quantization: dict | None, bits: int) -> lis
     return out
 
 
-def gate_rows(bundle: Bundle, blocks) -> list[tuple]:
-    """The gate parts of every layer's records, copied out contiguous (resident for GateSelector).
-    `blocks.read_block(layer)` gives a layer's records; one layer is in memory at a time."""
-    layout = bundle.spec.record
+def gate_rows(bundle: Bundle, reader: FlashReader) -> list[tuple]:
+    """The gate parts of every layer's records, copied out contiguous (resident for GateSelector);
+    one layer's block is in memory at a time."""
+    blocks, layout = BlockSource(bundle, reader), bundle.spec.record
     names = [n for n in ("gate.weight", "gate.scales", "gate.biases") if n in layout.names()]
     gates = []
     for layer in range(bundle.num_layers):
@@ -144,3 +172,35 @@ def gate_rows(bundle: Bundle, blocks) -> list[tuple]:
         mx.eval(g)
         gates.append(g)
     return gates
+
+
+def predictor_selector(bundle: Bundle, weights: dict[str, mx.array], density: float | None) -> PredictorSelector:
+    """The bundle's trained predictors at their recorded thresholds, or re-thresholded to `density`."""
+    record = bundle.spec.selector
+    if record is None or not record.predictor_threshold or predictor_prefix(0) + "a.weight" not in weights:
+        raise UsageError(
+            f"{bundle.path}: no predictors in this bundle; train them with `python tools/train_predictors.py {bundle.path} --text FILE`"
+        )
+    if density is not None and not record.score_quantiles:
+        raise UsageError(f"{bundle.path}: these predictors carry no score quantiles; retrain them to choose a density")
+    selector = PredictorSelector(weights, record.predictor_threshold)
+    return selector if density is None else selector.at_density(record, density)
+
+
+def gate_selector(bundle: Bundle, reader: FlashReader, density: float | None, gate_bits: int | None) -> GateSelector:
+    """The gate rows read from the bundle (or their `gate_bits` sketch), at the record's calibrated
+    thresholds or, with `density`, the top share per token."""
+    spec, record = bundle.spec, bundle.spec.selector
+    if not spec.gated:
+        raise UsageError(f"{bundle.path}: the gate selector needs a gated (SwiGLU) FFN")
+    if density is None and not (record and record.gate_threshold):
+        raise UsageError(
+            f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} "
+            "--text FILE`, or give a --density"
+        )
+    gates, q = gate_rows(bundle, reader), spec.quantization
+    if gate_bits is not None:  # a lossy, smaller copy of the gate, for selection only
+        gates, q = gate_sketch(gates, q, gate_bits), {"gate": {"bits": gate_bits, "group_size": SKETCH_GROUP}}
+    if density is not None:
+        return GateSelector(gates, q, None).at_density(record, density)
+    return GateSelector(gates, q, record.gate_threshold)

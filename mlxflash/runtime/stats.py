@@ -72,6 +72,7 @@ class TokenStats:
     decode_s: float = 0.0
     totals: dict = field(default_factory=dict)  # RuntimeStats.snapshot differences over the decode steps
     extra: dict = field(default_factory=dict)
+    compute_dtype: str = ""  # the dtype the math ran in (float32 on the CPU whatever the bundle stores)
 
     def as_dict(self) -> dict:
         n = self.tokens or 1
@@ -95,6 +96,7 @@ class TokenStats:
             "peak_rss_bytes": peak_rss_bytes(),
             "direct_io": self.direct_io,
             "io_note": self.io_note,
+            "compute_dtype": self.compute_dtype,
         }
         if self.mode == "flash" and self.neurons:
             selected = t.get("selected", 0)

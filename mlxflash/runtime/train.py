@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..errors import UsageError
 from ..format.bundle import Bundle, update_resident
+from ..format.selector_record import SelectionStats, SelectorRecord
 from .ffn import NaiveFFN
 from .model import load_model
 from .planner import MAX_WINDOW
@@ -244,30 +245,30 @@ def train_predictors(
         weights[prefix + "a.weight"] = predictor.a.weight.astype(mx.float16)
         weights[prefix + "b.weight"] = predictor.b.weight.astype(mx.float16)
         weights[prefix + "b.bias"] = predictor.b.bias.astype(mx.float16)
-    recorded = {
-        "kind": selector,
-        "target": target if gated else "nonzero",
-        "rank": [rank] * bundle.num_layers,
-        "predictor_threshold": pred_thresholds,
-        "density_grid": DENSITY_GRID.tolist(),
-        "score_quantiles": score_quantiles,
-        "target_recall": recall,
-        "trained_on": {
+    recorded = SelectorRecord(
+        kind=selector,
+        target=target if gated else "nonzero",
+        rank=[rank] * bundle.num_layers,
+        predictor_threshold=pred_thresholds,
+        density_grid=DENSITY_GRID.tolist(),
+        score_quantiles=score_quantiles,
+        target_recall=recall,
+        trained_on={
             "text": Path(text).name,
             "tokens": len(ids),
             "heldout_tokens": len(ids) - split,
             "seconds": round(time.perf_counter() - t0, 1),
         },
-        "stats": {"predictor": _selection_stats(pred_masks)},
-    }
+        stats={"predictor": selection_stats(pred_masks)},
+    )
     if gated:
-        recorded.update(gate_threshold=gate_thresholds, gate_density=density, gate_bits=gate_bits)
-        recorded["stats"]["gate"] = _selection_stats(gate_masks)
+        recorded.gate_threshold, recorded.gate_density, recorded.gate_bits = gate_thresholds, density, gate_bits
+        recorded.stats["gate"] = selection_stats(gate_masks)
     write_selector(bundle, weights, recorded)
     return reports
 
 
-def write_selector(bundle: Bundle, weights: dict[str, mx.array], recorded: dict) -> None:
+def write_selector(bundle: Bundle, weights: dict[str, mx.array], recorded: SelectorRecord) -> None:
     """update_resident with SIGINT/SIGTERM held off: an interrupt cannot land between its two renames
     (new resident file, old config), which would leave a bundle whose checksum no longer matches."""
     held = {signal.SIGINT, signal.SIGTERM}
@@ -310,20 +311,20 @@ def calibrate_gate(
         chosen, thr = _top_share(magnitude, split, density)
         thresholds.append(thr)
         masks.append(chosen[split:])
-    recorded = {
-        "kind": "gate",
-        "target": "gate",
-        "gate_threshold": thresholds,
-        "gate_density": density,
-        "gate_bits": gate_bits,
-        "trained_on": {
+    recorded = SelectorRecord(
+        kind="gate",
+        target="gate",
+        gate_threshold=thresholds,
+        gate_density=density,
+        gate_bits=gate_bits,
+        trained_on={
             "text": Path(text).name,
             "tokens": len(ids),
             "heldout_tokens": len(ids) - split,
             "seconds": round(time.perf_counter() - t0, 1),
         },
-        "stats": {"gate": _selection_stats(masks)},
-    }
+        stats={"gate": selection_stats(masks)},
+    )
     write_selector(bundle, {}, recorded)
     return [float(m.mean()) for m in masks]
 
@@ -334,9 +335,10 @@ def _top_share(magnitude: np.ndarray, split: int, density: float) -> tuple[np.nd
     return magnitude > thr, thr
 
 
-def _selection_stats(masks: list[np.ndarray]) -> dict:
+def selection_stats(masks: list[np.ndarray]) -> SelectionStats:
+    """Per layer (tokens, n) selections -> the mean density and the worst layer's window unions."""
     unions = np.array([window_union(m) for m in masks])  # (layers, windows)
-    return {"density": float(np.mean([m.mean() for m in masks])), "window_union": unions.max(axis=0).tolist()}
+    return SelectionStats(float(np.mean([m.mean() for m in masks])), tuple(unions.max(axis=0).tolist()))
 
 
 def _report(layer: int, chosen: np.ndarray, target: np.ndarray) -> LayerReport:
