@@ -315,9 +315,12 @@ class Bundle:
     @functools.cached_property
     def predictor_bytes(self) -> int:
         """Bytes of the neuron predictors inside resident.safetensors (not part of the model's weights)."""
-        with open(self.path / RESIDENT_FILE, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k)
+        try:  # read before any checksum is verified (planning): a damaged header is refused here too
+            with open(self.path / RESIDENT_FILE, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError, MemoryError) as e:
+            raise BundleError(f"{self.path / RESIDENT_FILE}: unreadable safetensors header ({type(e).__name__})") from e
 
     @property
     def weights_bytes(self) -> int:
