@@ -13,6 +13,7 @@ import pytest
 from tiny import make_hf_dir
 
 import mlxflash
+from mlxflash.format.bundle import with_digest
 
 
 def run_cli(*args, check_error: bool = False):
@@ -72,7 +73,7 @@ def test_checksum_mismatch(copy):
 def test_unknown_format_version(copy):
     config = json.loads((copy / "config.json").read_text())
     config["flash"]["format_version"] = 99
-    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "config.json").write_text(json.dumps(with_digest(config)))  # a future bundle, intact
     assert "unsupported flash format_version 99" in _generate_error(copy)
 
 

@@ -79,10 +79,16 @@ def test_health_models_and_stats(server, client):
     assert _raw(server, "GET", "/health")[:1] == (200,)
     ids = [m.id for m in client.models.list().data]
     assert ids == ["SmolLM2-135M-Instruct-Q4_1"]
-    status, _, stats = _raw(server, "GET", "/v1/stats")
-    assert status == 200
-    for key in ("mode", "tokens_per_s", "bytes_read_per_token", "resident_bytes", "peak_rss_bytes", "queue_depth"):
-        assert key in stats
+    status, _, before = _raw(server, "GET", "/v1/stats")
+    assert status == 200 and before["mode"] == "resident" and before["model"] == ids[0]
+    assert before["resident_bytes"] > 90e6  # the whole 98 MB model (its 52 MB resident part and the FFN)
+    assert before["rss_bytes"] <= before["peak_rss_bytes"] and before["bytes_read_per_token"] == 0
+    r = _chat(client, messages=Q, max_tokens=4, temperature=0)
+    after = _raw(server, "GET", "/v1/stats")[2]
+    assert after["requests_served"] == before["requests_served"] + 1
+    assert after["tokens_generated"] == before["tokens_generated"] + r.usage.completion_tokens
+    assert after["requests"][-1]["prompt_tokens"] == r.usage.prompt_tokens and after["tokens_per_s"] > 0
+    assert after["queue_depth"] == 0 and after["busy"] is False
 
 
 def test_chat_streaming_equals_whole(client):
@@ -273,9 +279,23 @@ def test_flash_mode_serves_with_live_figures(default_bundle):
         status, _, r = _raw(port, "POST", "/v1/chat/completions", json.dumps(body).encode())
         assert status == 200 and r["usage"]["completion_tokens"] == 3
         stats = _raw(port, "GET", "/v1/stats")[2]
-        assert stats["mode"] == "flash" and 0 <= stats["cache_hit_rate"] <= 1
-        assert stats["runtime"]["cache_capacity"] > 0
+        assert stats["mode"] == "flash" and stats["runtime"]["selector"] == "all"
+        assert stats["runtime"]["cache_capacity"] == 1536  # no budget: the whole FFN width is the cache
+        # 3 tokens, all neurons selected: after the prompt's dense pass the 2 decode steps hit the cache
+        assert stats["cache_hit_rate"] > 0.5, stats
+        assert stats["bytes_read_per_token"] < stats["ffn_bytes"] / 2
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "flash mode" in out and "Traceback" not in out, out
+
+
+def test_next_turn_reports_its_cached_prompt_tokens(client):
+    first = _chat(client, messages=Q, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    follow = [*Q, {"role": "assistant", "content": first.choices[0].message.content}]
+    second = _chat(
+        client, messages=[*follow, {"role": "user", "content": "And of Germany?"}], max_tokens=4, temperature=0
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens  # the whole first turn, not the new one

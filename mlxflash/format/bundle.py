@@ -97,6 +97,18 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+CONFIG_DIGEST = "config_sha256"  # config.json's own checksum: of the config without this key
+
+
+def config_digest(config: dict) -> str:
+    body = {k: v for k, v in config.items() if k != CONFIG_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def with_digest(config: dict) -> dict:
+    return {**config, CONFIG_DIGEST: config_digest(config)}
+
+
 def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -303,9 +315,12 @@ class Bundle:
     @functools.cached_property
     def predictor_bytes(self) -> int:
         """Bytes of the neuron predictors inside resident.safetensors (not part of the model's weights)."""
-        with open(self.path / RESIDENT_FILE, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k)
+        try:  # read before any checksum is verified (planning): a damaged header is refused here too
+            with open(self.path / RESIDENT_FILE, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError, MemoryError) as e:
+            raise BundleError(f"{self.path / RESIDENT_FILE}: unreadable safetensors header ({type(e).__name__})") from e
 
     @property
     def weights_bytes(self) -> int:
@@ -324,9 +339,14 @@ class Bundle:
             config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{config_path}: not valid JSON ({e})") from e
-        if "flash" not in config:
+        if not isinstance(config, dict) or "flash" not in config:
             raise BundleError(f"{config_path}: no 'flash' section (not a flash bundle)")
-        spec = cls._parse_spec(config["flash"], str(config_path))
+        if verify and CONFIG_DIGEST in config and config_digest(config) != config[CONFIG_DIGEST]:
+            raise BundleError(f"{config_path}: checksum mismatch (the config was altered or is corrupt)")
+        try:
+            spec = cls._parse_spec(config["flash"], str(config_path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field of the wrong shape
+            raise BundleError(f"{config_path}: malformed 'flash' section ({type(e).__name__}: {e})") from e
         bundle = cls(path, config, spec)
         bundle._check_files(verify)
         return bundle
@@ -349,9 +369,9 @@ class Bundle:
             raise BundleError(f"{self.path / CONFIG_FILE}: flash.files must list {FFN_FILE} and {RESIDENT_FILE}")
         if not verify:
             return
-        resident = self.spec.files[RESIDENT_FILE]
-        if sha256_file(self.path / RESIDENT_FILE) != resident["sha256"]:
-            raise BundleError(f"{self.path / RESIDENT_FILE}: checksum mismatch (corrupt bundle)")
+        for name, meta in self.spec.files.items():  # resident.safetensors and the tokenizer's files
+            if "sha256" in meta and sha256_file(self.path / name) != meta["sha256"]:
+                raise BundleError(f"{self.path / name}: checksum mismatch (corrupt bundle)")
         for i, block in enumerate(self.spec.layers):
             if sha256_file(self.ffn_path, block.offset, self.spec.block_bytes(i)) != block.sha256:
                 raise BundleError(f"{self.ffn_path}: checksum mismatch in layer {i}'s block (corrupt bundle)")
@@ -411,8 +431,13 @@ class BundleWriter:
                 "bytes": (self.tmp / RESIDENT_FILE).stat().st_size,
                 "sha256": sha256_file(self.tmp / RESIDENT_FILE),
             },
+            **{
+                name: {"bytes": (self.tmp / name).stat().st_size, "sha256": sha256_file(self.tmp / name)}
+                for name in TOKENIZER_FILES
+                if (self.tmp / name).is_file()
+            },
         }
-        config = {**config, "flash": self.spec.to_json()}
+        config = with_digest({**config, "flash": self.spec.to_json()})
         (self.tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if self.out.exists():
             raise ConvertError(f"{self.out}: appeared while converting; not overwriting it")
@@ -434,7 +459,7 @@ def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: Select
         spec = bundle.spec
         spec.selector = selector
         spec.files[RESIDENT_FILE] = {"bytes": tmp_res.stat().st_size, "sha256": sha256_file(tmp_res)}
-        tmp_cfg.write_text(json.dumps({**bundle.config, "flash": spec.to_json()}, indent=2) + "\n")
+        tmp_cfg.write_text(json.dumps(with_digest({**bundle.config, "flash": spec.to_json()}), indent=2) + "\n")
         os.replace(tmp_res, bundle.path / RESIDENT_FILE)
         os.replace(tmp_cfg, bundle.path / CONFIG_FILE)
     finally:

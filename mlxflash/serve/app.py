@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import UsageError
@@ -163,6 +163,9 @@ class Api:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.engine.model_id})
 
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(self.engine.metrics(), media_type="text/plain; version=0.0.4")
+
     async def stats(self, request: Request) -> Response:
         return JSONResponse(self.engine.stats())
 
@@ -224,6 +227,7 @@ def make_app(engine: Engine, allowed_origins: list[str] | None = None, max_body:
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/stats", api.stats, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
     ]
     middleware = []
     if allowed_origins:

@@ -48,6 +48,8 @@ class Engine:
         self.pending = 0  # admitted and not finished (the running one included); event-loop thread only
         self.served = self.rejected = self.cancelled = self.tokens = self.tokens_decoded = 0
         self.decode_s = 0.0
+        self.prompt_tokens = self.cached_tokens = 0  # totals over the served requests
+        self.prefill_s = 0.0
         self.last: dict = {}
         self.recent: deque[dict] = deque(maxlen=RECENT)  # the last requests' figures, for /v1/stats
         self.created = int(time.time())
@@ -116,6 +118,9 @@ class Engine:
             self.tokens_decoded += stats["tokens"]
             self.decode_s += stats["tokens"] / stats["tokens_per_s"]
         cached = self.session.reused_tokens
+        self.prompt_tokens += len(job.tokens)
+        self.cached_tokens += cached
+        self.prefill_s += stats.get("prefill_s") or 0.0
         self.last = {**stats, "prompt_tokens_reused": cached}
         self.recent.append(
             {
@@ -144,6 +149,39 @@ class Engine:
             pairs = sorted(zip(ids.tolist(), vals.tolist()), key=lambda x: -x[1])
             entry["top"] = [{"token": self.tokenizer.decode([i]), "logprob": v} for i, v in pairs]
         return entry
+
+    def metrics(self) -> str:
+        """Prometheus text exposition, with llama-server's metric names where one means the same."""
+        rows = [
+            ("llamacpp:prompt_tokens_total", "counter", "prompt tokens processed", self.prompt_tokens),
+            ("llamacpp:prompt_seconds_total", "counter", "prompt processing time", self.prefill_s),
+            ("llamacpp:tokens_predicted_total", "counter", "generated tokens", self.tokens),
+            ("llamacpp:tokens_predicted_seconds_total", "counter", "decode time", self.decode_s),
+            ("llamacpp:n_decode_total", "counter", "requests served", self.served),
+            ("llamacpp:requests_processing", "gauge", "requests running", int(self.pending > 0)),
+            ("llamacpp:requests_deferred", "gauge", "requests waiting", max(0, self.pending - 1)),
+            (
+                "llamacpp:kv_cache_tokens",
+                "gauge",
+                "tokens in the last conversation's KV cache",
+                len(self.session.cache_tokens),
+            ),
+            (
+                "mlxflash_prompt_cached_tokens_total",
+                "counter",
+                "prompt tokens taken from kept caches",
+                self.cached_tokens,
+            ),
+            ("mlxflash_requests_rejected_total", "counter", "requests refused with 503", self.rejected),
+            ("mlxflash_requests_cancelled_total", "counter", "requests whose client went away", self.cancelled),
+            ("mlxflash_prompt_cache_bytes", "gauge", "bytes of the kept KV caches", self.session.kept_bytes),
+            ("mlxflash_rss_bytes", "gauge", "resident set size", current_rss_bytes()),
+            ("mlxflash_peak_rss_bytes", "gauge", "peak resident set size", peak_rss_bytes()),
+        ]
+        lines = []
+        for name, kind, help_text, value in rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
 
     def stats(self) -> dict:
         rt = self.session.model.flash

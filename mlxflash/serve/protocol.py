@@ -132,7 +132,7 @@ def parse_messages(body: dict) -> list[dict]:
         raise bad("messages", "must be a non-empty list")
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise bad(f"messages[{i}]", f"must be an object with a role among {sorted(ROLES)}")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": _content(m, i)})

@@ -1,0 +1,74 @@
+"""An app served on a loopback port from a thread (uvicorn), and plain HTTP to it, for in-process tests."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from mlxflash.serve.app import make_app
+from mlxflash.serve.engine import Engine
+from mlxflash.serve.session import session
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str, body: bytes | dict) -> tuple[int, object]:
+    """(status, parsed JSON or the text of a stream) of one POST."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        try:
+            return resp.status, json.loads(data)
+        except ValueError:
+            return resp.status, data.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def get(port: int, path: str) -> tuple[int, object]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        data = resp.read()
+        try:
+            return resp.status, json.loads(data)
+        except ValueError:
+            return resp.status, data.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+@contextmanager
+def serving(bundle, model_id: str = "tiny", **load_kw) -> Iterator[int]:
+    """Serve `bundle` (loaded on the engine's worker thread, as `mlxflash serve` does); yields the port."""
+    import uvicorn
+
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
+    sess = worker.submit(session, bundle, **load_kw).result()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(Engine(sess, model_id, 8, worker)), port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        worker.submit(sess.close).result()
+        worker.shutdown()
