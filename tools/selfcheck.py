@@ -36,13 +36,14 @@ from make_synthetic import make_synthetic  # noqa: E402
 
 from mlxflash.fetch.default_model import default_model_path, ensure_default_predictors  # noqa: E402
 from mlxflash.loader import load  # noqa: E402
-from mlxflash.runtime.cpu import blas_in_use  # noqa: E402
+from mlxflash.runtime.cpu import blas_in_use, reexec_with_openblas  # noqa: E402
 from mlxflash.runtime.reader import FlashReader, aligned_buffer  # noqa: E402
 from mlxflash.serve.generate import stream_generate  # noqa: E402
 
 TINY_SHAPES = ("tiny-opt", "tiny-llama")
 EXACT_ATOL = 1e-4  # float32 logits of a tiny model: only summation order differs
 GPU_ATOL = 1e-3
+PROMPT = "Once upon a time, in a small village by the sea, there lived"  # a plain continuation: no early end
 
 
 @dataclass
@@ -157,7 +158,7 @@ def check_decode(bundle: Path, memory: str, tokens: int) -> Check:
     try:
         last = None
         t0 = time.perf_counter()
-        for r in stream_generate(model, tokenizer, "What is the capital of France?", max_tokens=tokens):
+        for r in stream_generate(model, tokenizer, PROMPT, max_tokens=tokens):
             last = r
         wall = time.perf_counter() - t0
     finally:
@@ -204,4 +205,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_openblas()  # as the CLI does (MLXFLASH_BLAS=reference opts out)
     sys.exit(main())
