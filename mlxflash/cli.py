@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(sub)
     _add_fetch(sub)
     _add_frontends(sub)
-    from .eval.evaluate import add_eval_parser
+    from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
     args = parser.parse_args(argv)

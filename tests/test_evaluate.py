@@ -14,23 +14,20 @@ from tiny import TINY
 
 from mlxflash.cli import main
 from mlxflash.errors import UsageError
-from mlxflash.eval.evaluate import (
+from mlxflash.eval.data import (
     ChoiceItem,
     ClozeItem,
     DataFormatError,
     choice_prompts,
-    encode_pair,
-    evaluate_choices,
-    evaluate_lambada,
-    perplexity,
     read_choice_jsonl,
     read_hellaswag_text,
     read_lambada,
     read_task,
-    score_continuations,
-    token_logprobs,
-    window_spans,
 )
+from mlxflash.eval.evaluate import difference, format_difference
+from mlxflash.eval.perplexity import perplexity, token_logprobs, window_spans
+from mlxflash.eval.scoring import encode_pair, score_continuations
+from mlxflash.eval.tasks import evaluate_choices, evaluate_lambada
 
 # ------------------------------------------------------------------------------------- tiny models
 
@@ -333,8 +330,6 @@ def test_compare_perplexity_on_default_model(tmp_path, default_bundle, shared_da
 
 def test_difference_of_lambada_runs_formats():
     """LAMBADA runs carry accuracy and last-word perplexity but no text NLL."""
-    from mlxflash.eval.evaluate import difference, format_difference
-
     base = {"accuracy": 0.4, "perplexity": 40.0, "correct": [1, 0, 1]}
     other = {"accuracy": 0.3, "perplexity": 80.0, "correct": [1, 0, 0]}
     line = format_difference(difference(base, other))
