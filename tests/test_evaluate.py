@@ -10,8 +10,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models import llama
-from tiny import TINY
+from tiny import TINY, make_hf_dir
 
+import mlxflash
 from mlxflash.cli import main
 from mlxflash.errors import UsageError
 from mlxflash.eval.data import (
@@ -334,3 +335,17 @@ def test_difference_of_lambada_runs_formats():
     other = {"accuracy": 0.3, "perplexity": 80.0, "correct": [1, 0, 0]}
     line = format_difference(difference(base, other))
     assert "perplexity +40.000 (+100.00%)" in line and "acc -10.0" in line and "NLL" not in line
+
+
+def test_flash_masked_scoring_batches_rows_as_one_at_a_time(tmp_path):
+    """Flash evaluation scores a task's choices as one padded batch (each row its own per-position
+    selections); that must equal scoring them one sequence at a time, and differ from dense."""
+    path = mlxflash.convert(make_hf_dir(tmp_path / "src"), tmp_path / "b", bits=4, group_size=32, progress=False)
+    flash, _ = mlxflash.load(path, mode="flash", selector="gate", density=0.25, window=2, masked_prompts=True)
+    dense, _ = mlxflash.load(path, mode="resident")
+    ctx = random_tokens(9, 11)
+    pairs = [(ctx, random_tokens(k, 20 + k)) for k in (3, 1, 5)]
+    batched = [s.logprob for s in score_continuations(flash, pairs)]
+    single = [s.logprob for s in score_continuations(flash, pairs, batch=False)]
+    assert batched == pytest.approx(single, abs=1e-4)
+    assert batched != pytest.approx([s.logprob for s in score_continuations(dense, pairs)], abs=1e-3)

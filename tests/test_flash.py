@@ -134,9 +134,17 @@ def test_masked_prompt_equals_token_by_token_flash(bundles, window, retain, rows
     np.testing.assert_allclose(whole, decode_logits(stepwise), atol=1e-4, rtol=1e-4)
     dense, _ = mlxflash.load(path, mode="resident")
     assert not np.allclose(whole, np.array(dense(mx.array([TOKENS]))), atol=1e-3)  # the masks mattered
+    masked.flash.reset()  # a forward continues from the cache it finds: a new sequence starts afresh
     batch = np.array(masked(mx.array([TOKENS, TOKENS[::-1]])))  # batched scoring: rows stay independent
     np.testing.assert_allclose(batch[:1], whole, atol=1e-4, rtol=1e-4)
+    masked.flash.reset()
     np.testing.assert_allclose(batch[1:], np.array(masked(mx.array([TOKENS[::-1]]))), atol=1e-4, rtol=1e-4)
+    if not rows:  # a prefix, then its continuation through the KV cache: still the stepwise result
+        masked.flash.reset()
+        cache = make_prompt_cache(masked)
+        head = np.array(masked(mx.array([TOKENS[:5]]), cache=cache))
+        tail = np.array(masked(mx.array([TOKENS[5:]]), cache=cache))
+        np.testing.assert_allclose(np.concatenate([head, tail], axis=1), whole, atol=1e-4, rtol=1e-4)
 
 
 def test_last_prompt_token_is_computed_dense(bundles):

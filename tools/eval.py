@@ -1,6 +1,6 @@
 """Front end for `mlxflash eval` from a checkout: python tools/eval.py --task arc_easy --limit 100 --compare.
 
-Everything lives in mlxflash/evaluate.py; this only forwards the arguments.
+Everything lives in mlxflash/eval/; this only forwards the arguments.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import UsageError
-from .scoring import prefill
+from .scoring import prefill, reset_selections
 from .stats import mean_se, progress_bar
 
 
@@ -31,6 +31,7 @@ def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]
 
 def token_logprobs(model: nn.Module, tokens: list[int], first: int) -> np.ndarray:
     """log p(tokens[t] | tokens[:t]) for t >= first (first >= 1), one forward with a prefilled cache."""
+    reset_selections(model)
     cache = make_prompt_cache(model)
     if first > 1:
         prefill(model, tokens[: first - 1], cache)

@@ -43,9 +43,19 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 def batchable(model: nn.Module) -> bool:
-    """Whether rows of a batch may share one forward: not in flash mode (selections come from row 0)."""
+    """Whether rows of a batch may share one forward: always, except in flash mode without per-position
+    selections (its prompt selections would come from row 0)."""
     runtime = getattr(model, "flash", None)
-    return getattr(runtime, "mode", "resident") != "flash"
+    if getattr(runtime, "mode", "resident") != "flash":
+        return True
+    return bool(getattr(runtime.options, "masked_prompts", False))
+
+
+def reset_selections(model: nn.Module) -> None:
+    """A new sequence: flash mode forgets the neurons the last one left cached (as a new KV cache does)."""
+    runtime = getattr(model, "flash", None)
+    if getattr(runtime, "mode", None) == "flash":
+        runtime.reset()
 
 
 def prefill(model: nn.Module, tokens: list[int], cache: list) -> None:
@@ -89,7 +99,13 @@ def score_continuations(
     """
     if any(not ctx or not cont for ctx, cont in pairs):
         raise ValueError("every pair needs at least one context and one continuation token")
+    if batch is None:
+        batch = batchable(model)
+    flash = getattr(getattr(model, "flash", None), "mode", None) == "flash"
+    if flash and not batch and len(pairs) > 1:  # each sequence from a fresh cache: rows would leave neurons behind
+        return [score_continuations(model, [pair], batch=False)[0] for pair in pairs]
     seqs = [ctx + cont for ctx, cont in pairs]
+    reset_selections(model)
     cache = make_prompt_cache(model)
     shared = _common_prefix(seqs)
     prefix = min(shared, *(len(ctx) - 1 for ctx, _ in pairs))
@@ -99,8 +115,6 @@ def score_continuations(
         prefill(model, seqs[0][:prefix], cache)
     rows = [s[prefix:] for s in seqs]  # inputs rows[i][:-1] predict rows[i][1:]
     firsts = [len(ctx) - 1 - prefix for ctx, _ in pairs]
-    if batch is None:
-        batch = batchable(model)
     if batch and len(rows) > 1:
         return _score_batch(model, rows, firsts, cache, prefix)
     return [_score_one(model, r, f, cache, prefix) for r, f in zip(rows, firsts)]

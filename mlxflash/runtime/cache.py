@@ -59,6 +59,15 @@ class CacheIndex:
         self.used = 0
         self.history.clear()
 
+    def bookkeeping(self) -> CacheIndex:
+        """A copy of the bookkeeping alone (no data), to replay from the cache's current state."""
+        out = CacheIndex(self.neurons, self.capacity, self.window, self.retain)
+        for name in ("index", "row_of", "count", "last_used"):
+            getattr(out, name)[:] = getattr(self, name)
+        out.tick, out.used, out.dropped = self.tick, self.used, self.dropped
+        out.history = deque(self.history)
+        return out
+
     def update(self, selected: np.ndarray) -> tuple[np.ndarray, int]:
         """Slide the window to include `selected` (sorted ids). Returns the missing ids (sorted) and the
         first of the consecutive rows now reserved for them; the caller fills those rows."""
@@ -121,16 +130,35 @@ class CacheIndex:
         """Data caches copy rows `movers` into rows `holes`; the bookkeeping alone has nothing to move."""
 
 
-def cached_masks(masks: np.ndarray, capacity: int, window: int, retain: bool) -> np.ndarray:
+def cached_masks(
+    masks: np.ndarray, capacity: int, window: int, retain: bool, start: CacheIndex | None = None
+) -> np.ndarray:
     """masks (B, T, n) of selections -> (B, T, n): the neurons a cache holds after each token, replayed
-    token by token (masked evaluation computes what stepwise decoding would)."""
+    token by token (masked evaluation computes what stepwise decoding would). Where every window's union
+    fits the cache and nothing is retained, that is the union of the last `window` selections, computed
+    at once; otherwise the cache's own bookkeeping is replayed."""
+    if start is not None and not start.history:
+        start = None
+    if not retain and start is None:
+        union = window_unions(masks, window)
+        if union.shape[1] == 0 or int(union.sum(axis=-1).max()) <= min(capacity, masks.shape[-1]):
+            return union
     out = np.zeros_like(masks, dtype=bool)
-    for b in range(masks.shape[0]):
-        index = CacheIndex(masks.shape[-1], capacity, window, retain)
+    for b in range(masks.shape[0]):  # each row continues from `start` (the cache as the prompt found it)
+        index = CacheIndex(masks.shape[-1], capacity, window, retain) if start is None else start.bookkeeping()
         for t in range(masks.shape[1]):
             index.update(np.flatnonzero(masks[b, t]).astype(np.int32))
             out[b, t, index.index[: index.used]] = True
     return out
+
+
+def window_unions(masks: np.ndarray, window: int) -> np.ndarray:
+    """masks (B, T, n) -> (B, T, n): at each position the union of that token's selection and the
+    window - 1 before it (fewer at the start)."""
+    counts = np.cumsum(masks, axis=1, dtype=np.int32)  # (B, T, n) selections so far
+    before = np.zeros_like(counts)
+    before[:, window:] = counts[:, :-window]
+    return counts - before > 0
 
 
 class NeuronCache(CacheIndex):

@@ -243,7 +243,8 @@ class FlashFFN(NaiveFFN):
         held = None
         if o.masked_prompts:  # x (B, L, d)
             masks = np.asarray(self._selector.select(self._layer, x))  # (B, L, n)
-            held = mx.array(cached_masks(masks, cache.capacity, max(1, o.window), o.retain and o.window > 0))
+            retain = o.retain and o.window > 0
+            held = mx.array(cached_masks(masks, cache.capacity, max(1, o.window), retain, start=cache))
             seeds = masks[0, -k:]
         else:
             seeds = np.asarray(self._selector.select(self._layer, x[0, -k:]))  # (k, n)

@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..format.bundle import Bundle
 from ..format.selector_record import SelectorRecord
 from .blocks import BlockSource
+from .cpu import quantized_matmul
 from .reader import FlashReader
 
 PREDICTOR_KEYS = ("a.weight", "b.weight", "b.bias")
@@ -115,7 +116,8 @@ class GateSelector(Selector):
         """|silu(gate . x)| for every neuron: (T, n)."""
         g = self.gates[layer]
         if self.q:
-            gate = mx.quantized_matmul(x, *g, transpose=True, **self.q["gate"])
+            # many rows (masked evaluation): dequantize + BLAS on the CPU, not MLX's per-row CPU kernel
+            gate = quantized_matmul(x, *g, **self.q["gate"])
         else:
             gate = x @ g[0].T
         return mx.abs(nn.silu(gate))
