@@ -27,9 +27,17 @@ from mlxflash.eval.evaluate import EvalRequest, run_once  # noqa: E402
 from mlxflash.fetch.default_model import default_model_path  # noqa: E402
 from mlxflash.loader import load  # noqa: E402
 from mlxflash.options import add_model_options, model_options  # noqa: E402
-from mlxflash.runtime.cpu import blas_in_use, reexec_with_openblas  # noqa: E402
+from mlxflash.runtime.cpu import reexec_with_openblas  # noqa: E402
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def blas_note() -> str:
+    """Which BLAS the matrix products ran on (what a CPU figure means)."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    preload = os.environ.get("LD_PRELOAD", "")
+    return f"OpenBLAS preloaded ({preload.split()[0]})" if "openblas" in preload else "reference BLAS (MLX's CPU wheel)"
 
 
 def measure(path, mode: str, requests: list[EvalRequest], **load_kwargs) -> dict:
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except MlxflashError as e:
         print(f"eval_speed: error: {e}", file=sys.stderr)
         return 1
-    conditions = {"blas": blas_in_use(), "load_average": os.getloadavg(), "model": str(path), "options": kwargs}
+    conditions = {"blas": blas_note(), "load_average": os.getloadavg(), "model": str(path), "options": kwargs}
     flash_point = {k: flash.get(k) for k in ("selector", "density", "window")}
     print(f"{path}: flash {flash_point}; {conditions['blas']}; load average {conditions['load_average'][0]:.1f}")
     print(table(dense, flash))
