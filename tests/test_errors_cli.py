@@ -13,7 +13,7 @@ import pytest
 from tiny import make_hf_dir
 
 import mlxflash
-from mlxflash.format.bundle import with_digest
+from mlxflash.format.checksums import with_digest
 
 
 def run_cli(*args, check_error: bool = False):
