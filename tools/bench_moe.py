@@ -45,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, remove_cgroup
 
+import mlxflash
 from mlxflash.format.moe import MoEBundle
 from mlxflash.runtime.costmodel import evict
 from mlxflash.runtime.cpu import blas_in_use
@@ -156,8 +157,6 @@ class RuntimeDriver:
     """naive and flash: the runtime's own StreamingExperts modules, fed the trace's routing."""
 
     def __init__(self, mode: str, bundle: MoEBundle, budget: MoEBudget, trace: Trace, args):
-        import mlxflash
-
         self.model, _ = mlxflash.load(
             bundle.path, mode=mode, memory=int(budget.budget), policy=args.policy, threads=args.threads, verify=False
         )
