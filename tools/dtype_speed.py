@@ -33,7 +33,7 @@ from mlxflash.fetch.default_model import GGUF_IN_WHEEL, WHEEL
 from mlxflash.format.convert import open_source
 from mlxflash.runtime import dtypes, ffn
 from mlxflash.runtime import model as runtime_model
-from mlxflash.runtime.cpu import blas_in_use
+from mlxflash.runtime.cpu import blas_in_use, reexec_with_openblas
 
 PROMPT = "The capital of France is"
 
@@ -84,6 +84,29 @@ def decode_ms(path: Path, mode: str, tokens: int) -> tuple[list[float], str, lis
     return times, dtype, out
 
 
+def given_bundles(spec: str) -> dict[str, Path]:
+    """`DTYPE=DIR,...` -> {dtype: bundle}; the dtype must be what the bundle stores."""
+    bundles = {}
+    for item in spec.split(","):
+        dtype, _, path = item.partition("=")
+        stored = json.loads((Path(path) / "config.json").read_text())["flash"]["dtype"]
+        if stored != dtype:
+            raise SystemExit(f"--bundles: {path} stores {stored}, not {dtype}")
+        bundles[dtype] = Path(path)
+    return bundles
+
+
+def converted_bundles(args, tmp: Path) -> dict[str, Path]:
+    """The default model (or --gguf) dequantized, then converted once per --dtypes."""
+    src = float_source(args.gguf or fetch_gguf(tmp), tmp / "src")
+    bundles = {}
+    for dtype in args.dtypes.split(","):
+        bundles[dtype] = tmp / dtype
+        cmd = [sys.executable, "-m", "mlxflash.cli", "convert", str(src), str(bundles[dtype]), "--dtype", dtype]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return bundles
+
+
 fast_dtype = dtypes.compute_dtype
 
 
@@ -101,18 +124,17 @@ def main(argv=None) -> None:
     p.add_argument("--stored-math", action="store_true", help="also time math in the stored dtype (slow)")
     p.add_argument("--stored-tokens", type=int, default=3, help="tokens for the --stored-math runs")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the bundles")
+    p.add_argument(
+        "--bundles",
+        help="time these existing bundles instead of converting the default model: DTYPE=DIR,... (e.g. a "
+        "GGUF converted with --dtype float16 and with --dtype float32)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mlxflash-dtype-"))
     rows = []
     try:
-        gguf = args.gguf or fetch_gguf(tmp)
-        src = float_source(gguf, tmp / "src")
-        bundles = {}
-        for dtype in args.dtypes.split(","):
-            bundles[dtype] = tmp / dtype
-            cmd = [sys.executable, "-m", "mlxflash.cli", "convert", str(src), str(bundles[dtype]), "--dtype", dtype]
-            subprocess.run(cmd, check=True, capture_output=True)
+        bundles = given_bundles(args.bundles) if args.bundles else converted_bundles(args, tmp)
         runs = [(d, args.tokens, False) for d in bundles]
         if args.stored_math:
             runs += [(d, args.stored_tokens, True) for d in bundles if d != "float32"]
@@ -155,4 +177,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_openblas()  # as the CLI does
     main()
