@@ -43,7 +43,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, remove_cgroup
+from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, parse_child, remove_cgroup
 
 import mlxflash
 from mlxflash.format.moe import MoEBundle
@@ -278,13 +278,7 @@ def child(mode: str, args, budget: MoEBudget) -> ModeResult:
         p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec)
     finally:
         remove_cgroup(procs)
-    for line in p.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            r = ModeResult(**json.loads(line[len(RESULT_TAG) :]))
-            r.note = "; ".join(x for x in (r.note, how) if x)
-            return r
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return ModeResult(mode, skipped=f"failed (exit {p.returncode}): {tail}")
+    return parse_child(mode, p, how, result=ModeResult, tag=RESULT_TAG)
 
 
 def finish(results: list[ModeResult], budget: MoEBudget) -> tuple[float, float]:

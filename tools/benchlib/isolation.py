@@ -89,10 +89,11 @@ def report_to_parent(r: ModeResult) -> None:
     print(RESULT_TAG + json.dumps(asdict(r)), flush=True)
 
 
-def parse_child(mode: str, p: subprocess.CompletedProcess, how: str) -> ModeResult:
+def parse_child(mode: str, p: subprocess.CompletedProcess, how: str, result=ModeResult, tag: str = RESULT_TAG):
+    """The `result` (a ModeResult dataclass: dense's, or bench_moe's) a child printed behind `tag`, or why none."""
     for line in p.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            r = ModeResult(**json.loads(line[len(RESULT_TAG) :]))
+        if line.startswith(tag):
+            r = result(**json.loads(line[len(tag) :]))
             r.note = "; ".join(x for x in (r.note, how) if x)
             return r
     tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
@@ -101,7 +102,7 @@ def parse_child(mode: str, p: subprocess.CompletedProcess, how: str) -> ModeResu
         if p.returncode in (137, -9)
         else f"failed (exit {p.returncode}): {tail}"
     )
-    return ModeResult(mode, skipped=why)
+    return result(mode, skipped=why)
 
 
 def python() -> str:
