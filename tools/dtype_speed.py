@@ -164,7 +164,8 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0]["ms_per_token_median"]
     load = os.getloadavg()[0]
-    print(f"SmolLM2-135M-Instruct (dequantized Q4_1), {args.mode} mode, CPU, {blas_in_use()}, load {load:.1f}")
+    what = args.bundles or "SmolLM2-135M-Instruct (dequantized Q4_1)"
+    print(f"{what}, {args.mode} mode, CPU, {blas_in_use()}, load {load:.1f}")
     print(f"{'bundle':>9} {'compute':>9} {'tokens':>6} {'ms/token':>9} {'vs first':>8} {'same tokens':>11}")
     for r in rows:
         ratio = r["ms_per_token_median"] / base
