@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.models import llama
-from tiny import _GGUF_NAMES
+from tiny import _GGUF_NAMES, llama_gguf_writer
 
 import mlxflash
 from mlxflash.errors import ConvertError
@@ -174,15 +174,7 @@ def write_tiny_gguf(
 ) -> dict:
     """A tiny llama GGUF with every matrix in `qtype` (or `types[name]`; norms F32); returns the raw tensors."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_theta"])
+    w = llama_gguf_writer(path, config)
     _byte_vocab(w, tokenizer)
     written = {}
     for name, shape in _shapes(config).items():

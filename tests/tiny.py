@@ -79,15 +79,7 @@ def make_gguf(path: Path, seed: int = 0) -> Path:
 
     config = TINY
     weights = tiny_weights(config, seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_theta"])
+    w = llama_gguf_writer(path, config)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     from tokenizers import pre_tokenizers
@@ -118,3 +110,19 @@ def make_gguf(path: Path, seed: int = 0) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def llama_gguf_writer(path, config: dict):
+    """A gguf.GGUFWriter for a llama GGUF with `config`'s shape metadata written (tensors and vocab to add)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_theta"])
+    return w

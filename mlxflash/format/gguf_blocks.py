@@ -152,6 +152,17 @@ def _row_chunks(rows: int, cols: int):
         yield slice(r, min(rows, r + step))
 
 
+def _empty_affine(rows: int, cols: int, bits: int, dtype: np.dtype) -> Affine:
+    """An (rows, cols) tensor's MLX affine arrays, groups of 32, to be filled chunk by chunk."""
+    groups = cols // GROUP
+    return Affine(
+        np.empty((rows, cols * bits // 32), np.uint32),
+        np.empty((rows, groups), dtype),
+        np.empty((rows, groups), dtype),
+        bits,
+    )
+
+
 def map_exact(qtype: T, raw: np.ndarray, cols: int, bits: int, dtype: np.dtype) -> tuple[Affine, float, float]:
     """An exactly mappable tensor (raw (rows, bytes) uint8) at `bits` >= its code bits.
 
@@ -160,12 +171,7 @@ def map_exact(qtype: T, raw: np.ndarray, cols: int, bits: int, dtype: np.dtype) 
     rows = raw.shape[0]
     block, size = ref.GGML_QUANT_SIZES[qtype]
     groups = cols // GROUP
-    out = Affine(
-        np.empty((rows, cols * bits // 32), np.uint32),
-        np.empty((rows, groups), dtype),
-        np.empty((rows, groups), dtype),
-        bits,
-    )
+    out = _empty_affine(rows, cols, bits, dtype)
     err = absmax = 0.0
     for rs in _row_chunks(rows, cols):
         n = rs.stop - rs.start
@@ -182,13 +188,7 @@ def map_exact(qtype: T, raw: np.ndarray, cols: int, bits: int, dtype: np.dtype) 
 def requantize(qtype: T, raw: np.ndarray, cols: int, bits: int, dtype: np.dtype) -> tuple[Affine, float, float]:
     """Any dequantizable tensor -> MLX affine, group 32, `bits`, through float32 chunk by chunk."""
     rows = raw.shape[0]
-    groups = cols // GROUP
-    out = Affine(
-        np.empty((rows, cols * bits // 32), np.uint32),
-        np.empty((rows, groups), dtype),
-        np.empty((rows, groups), dtype),
-        bits,
-    )
+    out = _empty_affine(rows, cols, bits, dtype)
     err = absmax = 0.0
     mdtype = {np.float16: mx.float16, np.float32: mx.float32}[np.dtype(dtype).type]
     for rs in _row_chunks(rows, cols):
