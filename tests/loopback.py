@@ -24,24 +24,18 @@ def free_port() -> int:
 
 def post(port: int, path: str, body: bytes | dict) -> tuple[int, object]:
     """(status, parsed JSON or the text of a stream) of one POST."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-        try:
-            return resp.status, json.loads(data)
-        except ValueError:
-            return resp.status, data.decode(errors="replace")
-    finally:
-        conn.close()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return _exchange(port, "POST", path, raw, {"Content-Type": "application/json"}, timeout=120)
 
 
 def get(port: int, path: str) -> tuple[int, object]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    return _exchange(port, "GET", path, None, {}, timeout=60)
+
+
+def _exchange(port: int, method: str, path: str, body: bytes | None, headers: dict, timeout: float):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
         try:

@@ -198,14 +198,20 @@ def opt_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
     return w
 
 
-def llama_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
-    d, hd = s["d"], s["d"] // s["heads"]
-    kv = s.get("kv_heads", s["heads"]) * hd
-    w = {
+def _embeddings_and_head(s: dict, r: Rand) -> dict[str, mx.array]:
+    """The token embedding, final norm and (untied) LM head every Llama-layout shape has."""
+    d = s["d"]
+    return {
         "model.embed_tokens.weight": r.normal("embed", (s["vocab"], d)),
         "model.norm.weight": r.ones((d,)),
         "lm_head.weight": r.normal("lm_head", (s["vocab"], d)),
     }
+
+
+def llama_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
+    d, hd = s["d"], s["d"] // s["heads"]
+    kv = s.get("kv_heads", s["heads"]) * hd
+    w = _embeddings_and_head(s, r)
     for i in range(layers):
         p = f"model.layers.{i}"
         for m, out in (("q_proj", d), ("k_proj", kv), ("v_proj", kv), ("o_proj", d)):
@@ -218,11 +224,7 @@ def llama_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
 def qwen3_moe_resident(s: dict, layers: int, r: Rand) -> dict[str, mx.array]:
     """Attention (with q/k norms), norms, the router; the routed experts go to ffn.bin."""
     d, hd = s["d"], s["head_dim"]
-    w = {
-        "model.embed_tokens.weight": r.normal("embed", (s["vocab"], d)),
-        "model.norm.weight": r.ones((d,)),
-        "lm_head.weight": r.normal("lm_head", (s["vocab"], d)),
-    }
+    w = _embeddings_and_head(s, r)
     for i in range(layers):
         p = f"model.layers.{i}"
         q, kv = s["heads"] * hd, s["kv_heads"] * hd
