@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import re
 
+import mlx.core as mx
 import pytest
 from loopback import get, post, serving
-from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
 from tiny import make_hf_dir
 
 import mlxflash
 from mlxflash.errors import UsageError
-from mlxflash.runtime.kv import kv_bytes_per_token
+from mlxflash.runtime.kv import kv_bytes_per_token, make_kv_cache
 from mlxflash.serve.session import Session
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -95,11 +96,12 @@ def test_kv_bytes_per_token_is_what_a_real_cache_takes(bundle):
 
 
 def test_planner_reserves_the_kv_cache_and_names_the_smallest_budget(bundle):
-    per_token = kv_bytes_per_token(mlxflash.load(bundle, mode="resident")[0].flash.bundle.config)
+    config = mlxflash.load(bundle, mode="resident")[0].flash.bundle.config
+    per_token = kv_bytes_per_token(config, dtype_bytes=2)  # a budgeted cache stores float16
     with pytest.raises(UsageError) as e:
         mlxflash.load(bundle, mode="flash", selector="all", memory="60%", max_kv_size=MAX_KV)
     message = str(e.value)
-    assert "KV cache 1.0 MB for --max-kv-size" in message, message
+    assert "KV cache 0.5 MB for --max-kv-size" in message, message
     smallest = float(re.search(r"smallest workable budget is about ([\d.]+) MB", message).group(1)) * 1e6
     model, _ = mlxflash.load(bundle, mode="flash", selector="all", memory=int(smallest + 1e5), max_kv_size=MAX_KV)
     plan = model.flash.plan
@@ -120,3 +122,20 @@ def test_kv_bits_runs_on_a_quantized_cache_and_max_kv_size_on_a_rotating_one(tmp
             out = list(sess.stream("hello there", max_tokens=3, temp=0))
             assert len(out) == 3 and isinstance(sess.cache[0], kind)
             assert sess.cache[0].offset == len(sess.cache_tokens)
+
+
+def test_a_budgeted_kv_cache_is_float16_at_the_size_planned_and_attends_as_float32(bundle):
+    model, tokenizer = mlxflash.load(bundle, mode="resident", max_kv_size=MAX_KV)
+    plan = model.flash.kv
+    assert plan.half == (mx.default_device() == mx.cpu) and "float16" in plan.describe()
+    with Session(model, tokenizer) as sess:
+        list(sess.stream("hello there", max_tokens=3, temp=0))
+        allocated = sum(c.keys.shape[2] for c in sess.cache) // len(sess.cache)
+        assert {c.keys.dtype for c in sess.cache} == {mx.float16}
+        assert sum(c.nbytes for c in sess.cache) == allocated * plan.bytes_per_token
+    tokens = mx.array([[1, 5, 9, 13, 17, 21, 25, 29]])
+    half, full = make_kv_cache(model, plan), make_prompt_cache(model)  # float16-stored vs float32 cache
+    for step in (tokens, tokens[:, -1:]):  # a prompt, then one decode step
+        a, b = model(step, cache=half), model(step, cache=full)
+        assert a.dtype == b.dtype == mx.float32
+        assert mx.abs(a - b).max().item() < 1e-2 * mx.abs(b).max().item()

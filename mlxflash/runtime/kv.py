@@ -1,7 +1,8 @@
 """The KV cache's share of the memory budget. `--max-kv-size N` bounds a conversation to N tokens (mlx-lm's
 RotatingKVCache, which never grows past N) and the planner reserves N tokens' keys and values inside the
-budget; `--kv-bits B` stores them quantized (mlx-lm's QuantizedKVCache: B bits per value plus a scale
-and bias per group of 64, in the activations' dtype). Without `--max-kv-size` the KV cache grows with the context, outside the
+budget, stored in float16 even where the math runs in float32 (the CPU), as Metal keeps them; `--kv-bits B`
+stores them quantized (mlx-lm's QuantizedKVCache: B bits per value plus a scale and bias per group of 64,
+in the activations' dtype). Without `--max-kv-size` the KV cache grows with the context, outside the
 budget, as the load report says."""
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class KVPlan:
     bits: int | None
     bytes_per_token: int
     group: int | None = None  # quantization group, with bits
+    half: bool = False  # stored in float16 while the math runs in float32 (a bounded cache on the CPU)
 
     @property
     def reserved_bytes(self) -> int:
@@ -64,7 +66,8 @@ class KVPlan:
         return tokens * self.bytes_per_token
 
     def describe(self) -> str:
-        stored = f"{self.bits}-bit" if self.bits else ("float32" if activation_bytes() == 4 else "float16")
+        float_dtype = "float16" if self.half or activation_bytes() == 2 else "float32"
+        stored = f"{self.bits}-bit" if self.bits else float_dtype
         per_k = self.bytes_per_token * 1024 / 1e6
         if self.tokens is None:
             return f"  KV cache (outside the budget; --max-kv-size counts it): {stored}, {per_k:.1f} MB per 1k tokens"
@@ -88,7 +91,19 @@ def kv_plan(config: dict, max_kv_size: int | None, kv_bits: int | None, dtype_by
     context = config.get("max_position_embeddings")
     if max_kv_size and context and max_kv_size > context:
         max_kv_size = context  # no conversation can be longer than the model's context anyway
-    return KVPlan(max_kv_size, kv_bits, kv_bytes_per_token(config, dtype_bytes, kv_bits), kv_group(config))
+    dtype_bytes = dtype_bytes or activation_bytes()
+    half = bool(max_kv_size) and kv_bits is None and dtype_bytes == 4  # a budgeted cache is kept in float16
+    per_token = kv_bytes_per_token(config, 2 if half else dtype_bytes, kv_bits)
+    return KVPlan(max_kv_size, kv_bits, per_token, kv_group(config), half)
+
+
+class HalfRotatingKVCache(RotatingKVCache):
+    """mlx-lm's rotating cache storing float16 keys and values while attention runs in float32: half the
+    bytes of a float32 cache, the precision Metal keeps anyway."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        k, v = super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
+        return k.astype(keys.dtype), v.astype(values.dtype)
 
 
 def make_kv_cache(model: nn.Module, plan: KVPlan | None) -> list:
@@ -97,5 +112,6 @@ def make_kv_cache(model: nn.Module, plan: KVPlan | None) -> list:
         # quantized from the first token; its size is bounded by the context check, not by rotation
         return [QuantizedKVCache(group_size=plan.group, bits=plan.bits) for _ in model.layers]
     if plan is not None and plan.tokens:  # as mlx-lm's make_prompt_cache(model, max_kv_size) builds it
-        return [RotatingKVCache(max_size=plan.tokens, keep=4) for _ in model.layers]
+        cache_class = HalfRotatingKVCache if plan.half else RotatingKVCache
+        return [cache_class(max_size=plan.tokens, keep=4) for _ in model.layers]
     return make_prompt_cache(model)
