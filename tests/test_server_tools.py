@@ -200,3 +200,41 @@ def test_the_default_models_template_has_no_tools(default_bundle):
 
     tok = load(Path(default_bundle))
     assert not tok.has_tool_calling and "tools" not in tok.chat_template
+
+
+def _scanner(streaming: bool = True):
+    from types import SimpleNamespace
+
+    from mlx_lm.tool_parsers import json_tools
+
+    from mlxflash.serve.tools import ToolScanner
+
+    tok = SimpleNamespace(
+        tool_call_start="<tool_call>", tool_call_end="</tool_call>", tool_parser=json_tools.parse_tool_call
+    )
+    return ToolScanner(tok, [WEATHER], streaming)
+
+
+def test_scanner_holds_back_only_what_may_start_a_call():
+    s = _scanner()
+    assert s.feed("a < b <") == ("a < b ", [])
+    assert s.feed("tool_call>") == ("", [])
+    text, calls = s.feed('{"name": "f", "arguments": {}}</tool_call> after <t')
+    assert text == " after " and [c["function"]["name"] for c in calls] == ["f"] and calls[0]["index"] == 0
+    assert s.flush() == ("<t", []) and s.made
+
+
+def test_scanner_parses_a_call_left_open_at_the_end():
+    s = _scanner(streaming=False)
+    assert s.feed('<tool_call>{"name": "f", "arguments": {"x": 1}}') == ("", [])
+    (call,) = s.flush()[1]
+    assert json.loads(call["function"]["arguments"]) == {"x": 1} and "index" not in call
+
+
+def test_json_answer():
+    from mlxflash.serve.tools import json_answer
+
+    assert json_answer('{"a": [1, {"b": 2}]}') == '{"a": [1, {"b": 2}]}'
+    assert json_answer('Here: {"a": {"b": "}"}} ok') == '{"a": {"b": "}"}}'
+    assert json_answer('{broken {"ok": true}') == '{"ok": true}'
+    assert json_answer("no json here") == "no json here"

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -169,6 +170,9 @@ class Api:
             usage = None
             async for event in self._events(job, reply):
                 usage = event.usage or usage
+                if event.tool_calls and event.finish_reason:  # the calls, then the finish, as OpenAI sends them
+                    yield _sse(shape.chunk(replace(event, finish_reason=None)))
+                    event = replace(event, text="", logprobs=None, tool_calls=None)
                 if event.text or event.finish_reason or event.logprobs or event.tool_calls:
                     yield _sse(shape.chunk(event))
             if job.params.include_usage and usage:
