@@ -238,3 +238,15 @@ def test_json_answer():
     assert json_answer('Here: {"a": {"b": "}"}} ok') == '{"a": {"b": "}"}}'
     assert json_answer('{broken {"ok": true}') == '{"ok": true}'
     assert json_answer("no json here") == "no json here"
+
+
+def test_requests_for_both_models_at_once_each_get_theirs(served, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(model: str) -> str:
+        return client.chat.completions.create(model=model, messages=Q, max_tokens=2, temperature=0).model
+
+    names = ["tiny-a", "tiny-b", "tiny-a", "tiny-b", "tiny-b"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        assert list(pool.map(ask, names)) == names
+    assert get(served[0], "/v1/stats")[0] == 200

@@ -81,11 +81,11 @@ class Api:
     async def _model(self, body: dict) -> str:
         """The request's model, loaded (a catalog bundle other than the loaded one is loaded now)."""
         model = body.get("model")
-        if model is None or model in ("", self.engine.model_id, "default"):
-            return self.engine.model_id
-        if not isinstance(model, str):
+        if model is not None and not isinstance(model, str):
             raise bad("model", "must be a string")
-        if model not in self.engine.catalog.bundles():
+        if model in (None, "", "default"):
+            return await self.engine.use(None)
+        if model != self.engine.model_id and model not in self.engine.catalog.bundles():
             raise ApiError(
                 404,
                 f"the model '{model}' does not exist; this server has {', '.join(self.engine.model_ids())}",
@@ -93,11 +93,10 @@ class Api:
                 code="model_not_found",
             )
         try:
-            await self.engine.use(model)
+            return await self.engine.use(model)
         except Exception as e:
             log.exception("loading %s failed", model)
             raise ApiError(500, f"the model '{model}' failed to load: {e}", param="model") from None
-        return model
 
     def _fit(self, tokens: list[int], params: Params) -> None:
         context, limit = context_limit(self.engine.session.model)

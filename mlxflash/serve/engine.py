@@ -54,6 +54,7 @@ class Engine:
     ):
         self.session, self.model_id, self.max_queue = sess, model_id, max_queue
         self.catalog = catalog or Catalog(None)
+        self._switching = asyncio.Lock()
         self.worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
         self.pending = 0  # admitted and not finished (the running one included); event-loop thread only
         self.served = self.rejected = self.cancelled = self.tokens = self.tokens_decoded = 0
@@ -90,10 +91,13 @@ class Engine:
         """The loaded model, then the catalog's other bundles."""
         return [self.model_id, *(m for m in self.catalog.bundles() if m != self.model_id)]
 
-    async def use(self, model_id: str) -> None:
-        """Make `model_id` (a catalog bundle) the loaded model, on the worker after the jobs queued before."""
-        if model_id != self.model_id:
-            await asyncio.get_running_loop().run_in_executor(self.worker, self._switch, model_id)
+    async def use(self, model_id: str | None) -> str:
+        """The loaded model's id once `model_id` (a catalog bundle; None: whichever is loaded) is loaded,
+        on the worker after the jobs queued before. Waits out a switch another request started."""
+        async with self._switching:
+            if model_id and model_id != self.model_id:
+                await asyncio.get_running_loop().run_in_executor(self.worker, self._switch, model_id)
+            return self.model_id
 
     def _switch(self, model_id: str) -> None:
         if model_id == self.model_id:
@@ -219,6 +223,8 @@ class Engine:
         return "\n".join(lines) + "\n"
 
     def stats(self) -> dict:
+        if self.session.model is None:
+            raise ApiError(503, "the server is switching models", code="model_loading")
         rt = self.session.model.flash
         last = self.last
         out = {
