@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from mlxflash.serve.app import make_app
 from mlxflash.serve.engine import Engine
+from mlxflash.serve.models import Catalog
 from mlxflash.serve.session import session
 
 
@@ -49,20 +50,28 @@ def _exchange(port: int, method: str, path: str, body: bytes | None, headers: di
 @contextmanager
 def serving(bundle, model_id: str = "tiny", **load_kw) -> Iterator[int]:
     """Serve `bundle` (loaded on the engine's worker thread, as `mlxflash serve` does); yields the port."""
+    with serving_engine(bundle, model_id, None, **load_kw) as (port, _):
+        yield port
+
+
+@contextmanager
+def serving_engine(bundle, model_id: str, catalog: Catalog | None, **load_kw) -> Iterator[tuple[int, Engine]]:
+    """`serving`, with a catalog of bundles to switch to; yields (port, engine)."""
     import uvicorn
 
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
     sess = worker.submit(session, bundle, **load_kw).result()
+    engine = Engine(sess, model_id, 8, worker, catalog)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(Engine(sess, model_id, 8, worker)), port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(make_app(engine), port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
     try:
-        yield port
+        yield port, engine
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        worker.submit(sess.close).result()
+        worker.submit(lambda: engine.session.close()).result()
         worker.shutdown()

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,10 +20,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import UsageError
+from ..fetch.staging import models_dir
 from ..options import add_model_options, model_options
 from ..runtime.report import load_report
 from .engine import Engine, Job
 from .generate import check_prompt, context_limit, encode_prompt
+from .models import Catalog
 from .protocol import (
     DEFAULT_MAX_TOKENS,
     ApiError,
@@ -33,8 +36,12 @@ from .protocol import (
     parse_messages,
     parse_params,
     parse_prompt,
+    parse_response_format,
+    parse_tools,
+    with_instruction,
 )
 from .session import Session, session
+from .tools import Reply
 
 log = logging.getLogger("mlxflash.server")
 MAX_BODY = 1 << 20  # bytes of a request body
@@ -71,18 +78,25 @@ class Api:
     def __init__(self, engine: Engine, max_body: int = MAX_BODY):
         self.engine, self.max_body = engine, max_body
 
-    def _check_model(self, body: dict) -> str:
+    async def _model(self, body: dict) -> str:
+        """The request's model, loaded (a catalog bundle other than the loaded one is loaded now)."""
         model = body.get("model")
-        if model is None or model in ("", self.engine.model_id, "default"):
-            return self.engine.model_id
-        if not isinstance(model, str):
+        if model is not None and not isinstance(model, str):
             raise bad("model", "must be a string")
-        raise ApiError(
-            404,
-            f"the model '{model}' does not exist; this server has '{self.engine.model_id}'",
-            param="model",
-            code="model_not_found",
-        )
+        if model in (None, "", "default"):
+            return await self.engine.use(None)
+        if model != self.engine.model_id and model not in self.engine.catalog.bundles():
+            raise ApiError(
+                404,
+                f"the model '{model}' does not exist; this server has {', '.join(self.engine.model_ids())}",
+                param="model",
+                code="model_not_found",
+            )
+        try:
+            return await self.engine.use(model)
+        except Exception as e:
+            log.exception("loading %s failed", model)
+            raise ApiError(500, f"the model '{model}' failed to load: {e}", param="model") from None
 
     def _fit(self, tokens: list[int], params: Params) -> None:
         context, limit = context_limit(self.engine.session.model)
@@ -93,59 +107,72 @@ class Api:
 
     async def chat(self, request: Request) -> Response:
         body = await read_json(request, self.max_body)
-        model = self._check_model(body)
         messages, params = parse_messages(body), parse_params(body, chat=True)
+        tools, fmt = parse_tools(body), parse_response_format(body)
+        model = await self._model(body)
+        tokenizer = self.engine.tokenizer
+        if tools.tools and not tokenizer.has_tool_calling:
+            raise bad("tools", f"are not supported: the chat template of '{model}' has no tool calling")
+        if fmt.json:
+            messages = with_instruction(messages, fmt.instruction())
         try:
-            tokens = list(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            tokens = list(tokenizer.apply_chat_template(messages, tools=tools.tools, add_generation_prompt=True))
         except Exception as e:  # the template rejects this conversation (e.g. the roles' order)
             raise ApiError(400, f"the chat template rejects these messages: {e}", param="messages") from None
-        return await self._respond(request, tokens, params, model, chat=True)
+        reply = Reply(tokenizer, tools.tools, fmt, params.stream)
+        return await self._respond(request, tokens, params, model, reply)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.max_body)
-        model = self._check_model(body)
         prompt, params = parse_prompt(body), parse_params(body, chat=False)
+        model = await self._model(body)
         vocab = self.engine.session.model.flash.bundle.config.get("vocab_size")
         if isinstance(prompt, list) and vocab and max(prompt) >= vocab:
             raise bad("prompt", f"has token ids beyond the vocabulary ({vocab})")
         tokens = encode_prompt(self.engine.tokenizer, prompt)
-        return await self._respond(request, tokens, params, model, chat=False)
+        return await self._respond(request, tokens, params, model, None)
 
-    async def _respond(self, request: Request, tokens: list[int], params: Params, model: str, chat: bool) -> Response:
+    async def _respond(
+        self, request: Request, tokens: list[int], params: Params, model: str, reply: Reply | None
+    ) -> Response:
+        """Run the job; `reply` (chat only) turns its events into content and tool calls."""
         self._fit(tokens, params)
         loop = asyncio.get_running_loop()
-        job = Job(tokens, params, loop, asyncio.Queue())
+        job = Job(tokens, params, loop, asyncio.Queue(), model)
         try:
             self.engine.submit(job)
         except ApiError as e:
             return e.response({"Retry-After": str(self.engine.retry_after())})
-        shape = Shape(chat, model)
+        shape = Shape(reply is not None, model)
         if params.stream:
-            return JobStream(job, self._sse(job, shape))
-        return await self._whole(request, job, shape)
+            return JobStream(job, self._sse(job, shape, reply))
+        return await self._whole(request, job, shape, reply)
 
-    async def _events(self, job: Job) -> AsyncIterator[Event]:
+    async def _events(self, job: Job, reply: Reply | None = None) -> AsyncIterator[Event]:
         while (event := await job.events.get()) is not None:
             if event.error:
                 raise event.error
-            yield event
+            yield reply.step(event) if reply else event
 
-    async def _whole(self, request: Request, job: Job, shape: Shape) -> Response:
+    async def _whole(self, request: Request, job: Job, shape: Shape, reply: Reply | None) -> Response:
         watch = asyncio.create_task(_watch_disconnect(request, job))
         try:
-            events = [e async for e in self._events(job)]
+            events = [e async for e in self._events(job, reply)]
         finally:
             job.cancel.set()
             watch.cancel()
-        return JSONResponse(shape.whole(events))
+        return JSONResponse(shape.whole(reply.whole(events) if reply else events))
 
-    async def _sse(self, job: Job, shape: Shape) -> AsyncIterator[str]:
+    async def _sse(self, job: Job, shape: Shape, reply: Reply | None) -> AsyncIterator[str]:
         try:
             yield _sse(shape.chunk(Event(""), first=True))
             usage = None
-            async for event in self._events(job):
+            async for event in self._events(job, reply):
                 usage = event.usage or usage
-                if event.text or event.finish_reason or event.logprobs:
+                if event.tool_calls and event.finish_reason:  # the calls, then the finish, as OpenAI sends them
+                    yield _sse(shape.chunk(replace(event, finish_reason=None)))
+                    event = replace(event, text="", logprobs=None, tool_calls=None)
+                if event.text or event.finish_reason or event.logprobs or event.tool_calls:
                     yield _sse(shape.chunk(event))
             if job.params.include_usage and usage:
                 yield _sse(shape.usage_chunk(usage))
@@ -157,8 +184,8 @@ class Api:
 
     async def models(self, request: Request) -> Response:
         e = self.engine
-        card = {"id": e.model_id, "object": "model", "created": e.created, "owned_by": "mlxflash"}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [{"id": m, "object": "model", "created": e.created, "owned_by": "mlxflash"} for m in e.model_ids()]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.engine.model_id})
@@ -273,7 +300,8 @@ def serve(args) -> None:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
     sess = worker.submit(session, args.model, **model_options(args)).result()
     print(load_report(sess.model), file=sys.stderr, flush=True)
-    engine = Engine(sess, model_id_of(sess), args.max_queue, worker)
+    catalog = Catalog(models_dir(), model_options(args))
+    engine = Engine(sess, model_id_of(sess), args.max_queue, worker, catalog)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     app = make_app(engine, origins, args.max_body)
     print(f"mlxflash: serving {engine.model_id} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

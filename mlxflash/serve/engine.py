@@ -19,8 +19,9 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from ..errors import UsageError
 from ..runtime.stats import current_rss_bytes, peak_rss_bytes
+from .models import Catalog
 from .protocol import ApiError, Event, Params, StopScanner
-from .session import Session
+from .session import Session, session
 
 log = logging.getLogger("mlxflash.server")
 RECENT = 32  # requests /v1/stats lists
@@ -32,6 +33,7 @@ class Job:
     params: Params
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    model_id: str = ""  # the model the prompt was encoded for; "" for whichever is loaded
     cancel: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
@@ -42,8 +44,17 @@ class Job:
 class Engine:
     """The model, its kept KV cache, the one worker thread and the live figures."""
 
-    def __init__(self, sess: Session, model_id: str, max_queue: int, worker: ThreadPoolExecutor | None = None):
+    def __init__(
+        self,
+        sess: Session,
+        model_id: str,
+        max_queue: int,
+        worker: ThreadPoolExecutor | None = None,
+        catalog: Catalog | None = None,
+    ):
         self.session, self.model_id, self.max_queue = sess, model_id, max_queue
+        self.catalog = catalog or Catalog(None)
+        self._switching = asyncio.Lock()
         self.worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
         self.pending = 0  # admitted and not finished (the running one included); event-loop thread only
         self.served = self.rejected = self.cancelled = self.tokens = self.tokens_decoded = 0
@@ -76,9 +87,37 @@ class Engine:
     def retry_after(self) -> int:
         return max(1, self.pending * 2)
 
+    def model_ids(self) -> list[str]:
+        """The loaded model, then the catalog's other bundles."""
+        return [self.model_id, *(m for m in self.catalog.bundles() if m != self.model_id)]
+
+    async def use(self, model_id: str | None) -> str:
+        """The loaded model's id once `model_id` (a catalog bundle; None: whichever is loaded) is loaded,
+        on the worker after the jobs queued before. Waits out a switch another request started."""
+        async with self._switching:
+            if model_id and model_id != self.model_id:
+                await asyncio.get_running_loop().run_in_executor(self.worker, self._switch, model_id)
+            return self.model_id
+
+    def _switch(self, model_id: str) -> None:
+        if model_id == self.model_id:
+            return
+        path, previous = self.catalog.bundles()[model_id], self.session.model.flash.bundle.path
+        log.info("switching from %s to %s", self.model_id, model_id)
+        self.session.close()
+        try:
+            self.session = session(path, **self.catalog.load_kw)
+        except Exception:
+            self.session = session(previous, **self.catalog.load_kw)  # keep serving the one that worked
+            raise
+        self.model_id = model_id
+
     def _run(self, job: Job) -> None:
         try:
-            if not job.cancel.is_set():
+            if job.model_id and job.model_id != self.model_id:
+                msg = f"the server switched to '{self.model_id}' while this request waited; retry it"
+                job.put(Event("", error=ApiError(503, msg, code="model_switched")))
+            elif not job.cancel.is_set():
                 for event in self._generate(job):
                     job.put(event)
                     if job.cancel.is_set():
@@ -184,6 +223,8 @@ class Engine:
         return "\n".join(lines) + "\n"
 
     def stats(self) -> dict:
+        if self.session.model is None:
+            raise ApiError(503, "the server is switching models", code="model_loading")
         rt = self.session.model.flash
         last = self.last
         out = {

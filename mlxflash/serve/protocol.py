@@ -4,6 +4,7 @@ Python: no MLX, no model (tests/test_protocol.py exercises it alone)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -127,6 +128,8 @@ def _content(m: dict, i: int) -> str:
 
 
 def parse_messages(body: dict) -> list[dict]:
+    """The conversation for the chat template: role and content, plus an assistant's `tool_calls` (their
+    JSON arguments decoded, as templates expect) and a tool message's `tool_call_id` and `name`."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "must be a non-empty list")
@@ -135,8 +138,119 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise bad(f"messages[{i}]", f"must be an object with a role among {sorted(ROLES)}")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m, i)})
+        msg = {"role": role, "content": _content(m, i)}
+        if m.get("tool_calls") is not None and role == "assistant":
+            msg["tool_calls"] = _history_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     return out
+
+
+def _history_calls(calls, name: str) -> list[dict]:
+    if not isinstance(calls, list):
+        raise bad(name, "must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad(f"{name}[{j}]", "must be an object with function.name")
+        args = f.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise bad(f"{name}[{j}].function.arguments", "must be a JSON string") from None
+        call = {"type": "function", "function": {"name": f["name"], "arguments": args}}
+        out.append({"id": c["id"], **call} if isinstance(c.get("id"), str) else call)
+    return out
+
+
+@dataclass
+class ToolSpec:
+    """A request's tools: the list the chat template gets (None: no tools) and `tool_choice`."""
+
+    tools: list[dict] | None = None
+    choice: str | dict = "auto"
+
+
+def parse_tools(body: dict) -> ToolSpec:
+    """`tools` (a list of {type: "function", function: {name, parameters?}}) and `tool_choice` ("none",
+    "auto", "required" or {type: "function", function: {name}}); "none" passes no tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("tools", "must be a list")
+        for i, t in enumerate(tools):
+            _check_tool(t, f"tools[{i}]")
+    choice = "auto" if choice is None else choice
+    names = {t["function"]["name"] for t in tools or []}
+    if isinstance(choice, dict):
+        f = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad("tool_choice", "must be 'none', 'auto', 'required' or {type: 'function', function: {name}}")
+        if f["name"] not in names:
+            raise bad("tool_choice", f"names the function '{f['name']}', which is not among the tools")
+    elif choice not in ("none", "auto", "required"):
+        raise bad("tool_choice", "must be 'none', 'auto', 'required' or {type: 'function', function: {name}}")
+    if choice == "required" and not names:
+        raise bad("tool_choice", "is 'required' but there are no tools")
+    return ToolSpec(None if choice == "none" else tools or None, choice)
+
+
+def _check_tool(t, name: str) -> None:
+    f = t.get("function") if isinstance(t, dict) else None
+    if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict):
+        raise bad(name, "must be {type: 'function', function: {name, parameters?}}")
+    if not isinstance(f.get("name"), str) or not f["name"]:
+        raise bad(f"{name}.function.name", "must be a non-empty string")
+    if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+        raise bad(f"{name}.function.parameters", "must be a JSON schema object")
+
+
+JSON_INSTRUCTION = "Answer with a single valid JSON object only: no prose, no code fences."
+
+
+@dataclass
+class ResponseFormat:
+    """`response_format`: "text", "json_object" or "json_schema" (with its schema, when given)."""
+
+    kind: str = "text"
+    schema: dict | None = None
+
+    @property
+    def json(self) -> bool:
+        return self.kind != "text"
+
+    def instruction(self) -> str:
+        if self.schema is None:
+            return JSON_INSTRUCTION
+        return f"{JSON_INSTRUCTION} It must match this JSON schema: {json.dumps(self.schema)}"
+
+
+def parse_response_format(body: dict) -> ResponseFormat:
+    rf = body.get("response_format")
+    if rf is None:
+        return ResponseFormat()
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise bad("response_format", "must be {type: 'text' | 'json_object' | 'json_schema'}")
+    if kind != "json_schema":
+        return ResponseFormat(kind)
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad("response_format.json_schema", "must be an object with a name (and a schema)")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise bad("response_format.json_schema.schema", "must be a JSON schema object")
+    return ResponseFormat(kind, schema)
+
+
+def with_instruction(messages: list[dict], text: str) -> list[dict]:
+    """`messages` with `text` added to the system message (a new first one when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def parse_prompt(body: dict) -> str | list[int]:
@@ -193,6 +307,7 @@ class Event:
     logprobs: list[dict] | None = None  # one entry per token of this step
     usage: dict | None = None
     error: ApiError | None = None
+    tool_calls: list[dict] | None = None  # OpenAI's tool-call objects finished in this step
 
 
 class Shape:
@@ -223,6 +338,8 @@ class Shape:
         lp = self._logprobs(event.logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": event.text} if event.text else {})
+            if event.tool_calls:
+                delta["tool_calls"] = event.tool_calls
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": event.finish_reason}
         else:
             choice = {"index": 0, "text": event.text, "logprobs": lp, "finish_reason": event.finish_reason}
@@ -237,7 +354,11 @@ class Shape:
         entries = [x for e in events for x in (e.logprobs or [])] if any(e.logprobs for e in events) else None
         lp = self._logprobs(entries)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp}
+            calls = [c for e in events for c in (e.tool_calls or [])]
+            message = {"role": "assistant", "content": (text or None) if calls else text}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": lp}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp}
         choice["finish_reason"] = last.finish_reason
