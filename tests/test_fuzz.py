@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from loopback import post, serving
 from tiny import make_hf_dir
@@ -52,10 +52,19 @@ def test_damaged_bundle_is_refused_naming_the_file(tiny_bundle, tmp_path_factory
     else:
         del data[at:]
     (copy / name).write_bytes(bytes(data))
+    assume(name != "config.json" or not _same_json(bytes(data), (tiny_bundle / name).read_bytes()))
     with pytest.raises(MlxflashError) as e:
         model, _ = mlxflash.load(copy, mode="resident")
         model.flash.close()
     assert name in str(e.value), (how, at, str(e.value))
+
+
+def _same_json(damaged: bytes, original: bytes) -> bool:
+    """The manifest is not checksummed (it holds the checksums): cutting only its trailing newline is no damage."""
+    try:
+        return json.loads(damaged) == json.loads(original)
+    except ValueError:
+        return False
 
 
 # ---- the HTTP API ----------------------------------------------------------------------------------------
