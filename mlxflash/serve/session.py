@@ -57,10 +57,11 @@ class Session:
 
     def _prepare(self, tokens: list[int], max_tokens: int) -> list[int]:
         """The working cache: the kept one with the longest prefix of `tokens` (a copy), else a fresh one;
-        returns the tokens still to compute. The kept caches first shrink to leave this request's room."""
+        returns the tokens still to compute. Then the kept caches shrink to leave this request's room (after
+        the copy: evicting first would drop the very conversation that continues once it passes half the room)."""
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, tokens)
         if self.kv.reserved_bytes:
             self.prompt_cache.trim_to(n_bytes=self.kv.reserved_bytes - self.kv.bytes_for(len(tokens) + max_tokens))
-        cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, tokens)
         if cache is not None and not rest:  # an exact hit: recompute the last token for its logits
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
