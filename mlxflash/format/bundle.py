@@ -309,7 +309,10 @@ class Bundle:
             raise BundleError(f"{config_path}: not valid JSON ({e})") from e
         if not isinstance(config, dict) or "flash" not in config:
             raise BundleError(f"{config_path}: no 'flash' section (not a flash bundle)")
-        if verify and CONFIG_DIGEST in config and config_digest(config) != config[CONFIG_DIGEST]:
+        # checked even unverified (it is cheap): a flipped bit in the key's name must not skip the check
+        if CONFIG_DIGEST not in config:
+            raise BundleError(f"{config_path}: no {CONFIG_DIGEST} (altered or corrupt; reconvert the model)")
+        if config_digest(config) != config[CONFIG_DIGEST]:
             raise BundleError(f"{config_path}: checksum mismatch (the config was altered or is corrupt)")
         try:
             spec = cls._parse_spec(config["flash"], str(config_path))
