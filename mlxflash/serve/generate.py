@@ -68,6 +68,9 @@ def check_prompt(
     return max_tokens
 
 
+PREFILL_STEP = 512  # prompt tokens per forward pass (llama.cpp's default batch)
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
@@ -87,6 +90,8 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     kwargs.setdefault("sampler", make_sampler(temp, top_p, top_k=top_k))
+    # mlx-lm prefills 2048 tokens a step; its attention scores alone then outweigh a small budget's KV cache
+    kwargs.setdefault("prefill_step_size", PREFILL_STEP)
     stats = runtime.token_stats()
     start = time.perf_counter()
     base = runtime.stats.snapshot()
