@@ -100,8 +100,6 @@ class Engine:
             return self.model_id
 
     def _switch(self, model_id: str) -> None:
-        if model_id == self.model_id:
-            return
         path, previous = self.catalog.bundles()[model_id], self.session.model.flash.bundle.path
         log.info("switching from %s to %s", self.model_id, model_id)
         self.session.close()
