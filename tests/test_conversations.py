@@ -9,14 +9,16 @@ import json
 import re
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from loopback import get, post, serving
-from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache, trim_prompt_cache
 from tiny import make_hf_dir
 
 import mlxflash
 from mlxflash.errors import UsageError
-from mlxflash.runtime.kv import kv_bytes_per_token, make_kv_cache
+from mlxflash.runtime.kv import kv_bytes_per_token, kv_plan, make_kv_cache, prefill_step, step_scratch_bytes
 from mlxflash.serve.session import Session
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -139,3 +141,67 @@ def test_a_budgeted_kv_cache_is_float16_at_the_size_planned_and_attends_as_float
         a, b = model(step, cache=half), model(step, cache=full)
         assert a.dtype == b.dtype == mx.float32
         assert mx.abs(a - b).max().item() < 1e-2 * mx.abs(b).max().item()
+
+
+def test_step_scratch_bounds_what_a_forward_pass_allocates(bundle):
+    model, _ = mlxflash.load(bundle, mode="resident", max_kv_size=MAX_KV)
+    config = model.flash.bundle.config
+    tokens = mx.array([[(7 * i) % 200 + 3 for i in range(1024)]])
+    for context, step in ((1024, 256), (512, 512), (1024, 16)):
+        cache = make_kv_cache(model, model.flash.kv)
+        for lo in range(0, context - step, 256):
+            model(tokens[:, lo : min(lo + 256, context - step)], cache=cache)
+            mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        model(tokens[:, :step], cache=cache)  # the logits are not evaluated, as in a prefill step
+        mx.eval([c.state for c in cache])
+        measured = mx.get_peak_memory() - before
+        estimate = step_scratch_bytes(config, step, context)
+        assert measured <= estimate < 4 * measured, (context, step, measured, estimate)
+
+
+def test_prefill_step_is_the_largest_that_fits_the_compute_buffer(bundle):
+    config = mlxflash.load(bundle, mode="resident")[0].flash.bundle.config
+    assert prefill_step(config, 1000, step_scratch_bytes(config, 100, 1000)) == 100
+    assert prefill_step(config, 1000, step_scratch_bytes(config, 100, 1000) - 1) == 99
+    assert prefill_step(config, 1000, 0) == 512  # no bounded context: llama.cpp's batch
+    assert prefill_step(config, 4000, 1) == 16  # never below the smallest step
+    plan = kv_plan(config, MAX_KV, None)
+    assert plan.buffer_bytes == step_scratch_bytes(config, 32, MAX_KV) and kv_plan(config, None, None).buffer_bytes == 0
+
+
+def test_a_float16_bundle_in_memory_is_what_its_plan_says(tmp_path):
+    """The CPU computes in float32, but quantization scales stay float16 (exact, runtime/dtypes.py): MLX
+    holds no more than the plan counts, KV reservation apart."""
+    src = make_hf_dir(tmp_path / "src", {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 2048})
+    b = mlxflash.convert(src, tmp_path / "b", bits=4, group_size=32, dtype="float16", progress=False)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model, _ = mlxflash.load(b, mode="flash", selector="all", memory="8MB", max_kv_size=256)
+    plan = model.flash.plan
+    held, planned = mx.get_active_memory() - before, plan.planned_bytes - plan.kv_bytes
+    params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert params <= plan.resident_bytes + plan.selector_bytes, (params, plan.resident_bytes)
+    assert planned >= held >= plan.resident_bytes + plan.cache_bytes, (held, planned)
+    assert model.model.embed_tokens["scales"].dtype == mx.float16
+    model.flash.close()
+
+
+def test_a_kept_conversation_and_its_working_copy_share_memory(bundle):
+    model, tokenizer = mlxflash.load(bundle, mode="resident", max_kv_size=MAX_KV)
+    with Session(model, tokenizer) as sess:
+        prompt = [(5 * i) % 200 + 3 for i in range(600)]
+        first = [r.token for r in sess.stream(prompt, max_tokens=4, temp=0)]
+        kept, snapshot = sess.kept_bytes, [np.array(c.keys) for c in sess.cache]  # sess.cache is the kept one
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        cache, rest = sess.prompt_cache.fetch_nearest_cache(sess.model_key, prompt + first)
+        assert len(rest) == 0 and mx.get_active_memory() - before < kept / 10  # a view, not a copy
+        trim_prompt_cache(cache, 100)
+        for c in cache:  # the working copy writes over kept positions: the kept one must not see it
+            c.update_and_fetch(mx.ones_like(c.keys[..., :1, :]), mx.ones_like(c.values[..., :1, :]))
+        assert all(np.array_equal(np.array(c.keys), k) for c, k in zip(sess.cache, snapshot))
+        again = [r.token for r in sess.stream(prompt, max_tokens=4, temp=0)]
+        assert again == first and sess.reused_tokens == len(prompt) - 1

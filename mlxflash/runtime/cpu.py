@@ -6,6 +6,9 @@
   x86-64; DYNAMIC_ARCH, standard symbol names). That library needs libgfortran.so.5, which MLX's wheel
   ships under a mangled name; a link by the standard name in the user's cache lets the loader find it.
   MLXFLASH_BLAS=reference opts out.
+- glibc's malloc serves blocks up to a threshold it raises as large blocks are freed (to 32 MB) from its
+  heap, which it rarely gives back: a budgeted run's freed KV-cache and attention buffers then stay in
+  RSS. `release_freed_memory` pins the threshold, so large blocks are mapped and unmapped.
 - MLX's CPU `quantized_matmul` is a plain loop: fine for one token, slow for a prompt. With many rows,
   dequantizing the weight and calling the BLAS is tens of times faster.
 """
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .dtypes import f32_dequantize
 
 SYSTEM_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 WHEEL_OPENBLAS = "ngsolve_openblas"  # the importable name of PyPI's ngsolve-openblas
@@ -107,6 +112,23 @@ def reexec_with_openblas() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 << 10  # glibc's initial value, kept from then on
+
+
+def release_freed_memory() -> str:
+    """Have freed large blocks go back to the system (glibc on Linux); says what was done."""
+    if not sys.platform.startswith("linux"):
+        return "the system allocator's default (not glibc)"
+    try:
+        libc = ctypes.CDLL(None)
+        if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
+            return f"glibc maps blocks over {MMAP_THRESHOLD >> 10} KiB (freed ones leave RSS)"
+    except (OSError, AttributeError):
+        pass
+    return "no glibc mallopt: the allocator's default"
+
+
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
@@ -118,15 +140,15 @@ def quantized_matmul(
     rows = x.size // x.shape[-1]
     if rows < MANY_ROWS or not on_cpu():
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
-    # Dequantize a slice of output rows at a time: a 49k-token LM head would be 113 MB at once.
-    parts = []
+    # Dequantize a slice of output rows at a time (a 49k-token LM head would be 113 MB at once), still
+    # lazily: each slice waits on the previous product, so only one is dequantized at a time, and a product
+    # nobody evaluates (a prefill step's logits) costs nothing.
+    parts: list[mx.array] = []
     for lo in range(0, w.shape[0], SLICE_ROWS):
         sl = slice(lo, lo + SLICE_ROWS)
-        dense = mx.dequantize(
-            w[sl], scales[sl], None if biases is None else biases[sl], group_size=group_size, bits=bits
-        )
-        parts.append(x @ dense.astype(x.dtype).T)
-        mx.eval(parts[-1])  # frees this slice's dequantized weights before the next
+        wq = w[sl] if not parts else mx.depends(w[sl], parts[-1])
+        dense = f32_dequantize(wq, scales[sl], None if biases is None else biases[sl], group_size, bits, x.dtype)
+        parts.append(x @ dense.T)
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
@@ -141,7 +163,21 @@ class PromptQuantizedLinear(nn.QuantizedLinear):
 
 
 class PromptQuantizedEmbedding(nn.QuantizedEmbedding):
-    """mlx-lm's tied LM head (`as_linear`) with the same CPU prompt path."""
+    """mlx-lm's tied LM head (`as_linear`) with the same CPU prompt path, and lookups dequantized in the
+    compute dtype (the scales stay float16 in memory: runtime/dtypes.py)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not on_cpu() or self.mode != "affine":
+            return super().__call__(x)
+        biases = self.get("biases")
+        return f32_dequantize(
+            self["weight"][x],
+            self["scales"][x],
+            None if biases is None else biases[x],
+            self.group_size,
+            self.bits,
+            mx.float32,
+        )
 
     def as_linear(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < MANY_ROWS or not on_cpu() or self.mode != "affine":

@@ -50,8 +50,9 @@ class FFN(nn.Module):
         self.compute_dtype = dtype = compute_dtype(spec.dtype)
         if spec.quantization:
             groups = n // spec.quantization["down"]["group_size"]
-            self.down_scales = mx.zeros((d, groups), dtype=dtype)
-            self.down_biases = mx.zeros((d, groups), dtype=dtype)
+            stored = getattr(mx, spec.dtype)  # as the bundle stores them (runtime/dtypes.py)
+            self.down_scales = mx.zeros((d, groups), dtype=stored)
+            self.down_biases = mx.zeros((d, groups), dtype=stored)
         if biases:
             self.up_bias = mx.zeros((n,), dtype=dtype)
             self.down_bias = mx.zeros((d,), dtype=dtype)
@@ -134,7 +135,7 @@ class FFN(nn.Module):
         if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
             group = ids // q["down"]["group_size"]
             codes = unpack_codes(w["down.weight"], q["down"]["bits"]).astype(h.dtype)  # (n, d)
-            down = codes * self.down_scales.T[group] + self.down_biases.T[group]
+            down = codes * self.down_scales.T[group].astype(h.dtype) + self.down_biases.T[group].astype(h.dtype)
         else:
             down = w["down.weight"]
         return self._output(h @ down.astype(h.dtype))

@@ -3,10 +3,16 @@ RotatingKVCache, which never grows past N) and the planner reserves N tokens' ke
 budget, stored in float16 even where the math runs in float32 (the CPU), as Metal keeps them; `--kv-bits B`
 stores them quantized (mlx-lm's QuantizedKVCache: B bits per value plus a scale and bias per group of 64,
 in the activations' dtype). Without `--max-kv-size` the KV cache grows with the context, outside the
-budget, as the load report says."""
+budget, as the load report says.
+
+A bounded context also bounds the compute buffer, the memory a forward pass allocates and frees (attention
+scores, float32 copies of a layer's keys and values, a dequantized weight slice): as llama.cpp reports its
+compute buffer beside the model and the KV cache, the load report states it as part of the fixed overhead,
+and each prompt is prefilled in steps small enough to stay inside it (`prefill_step`)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -17,6 +23,10 @@ from ..errors import UsageError
 
 KV_GROUPS = (64, 32)  # values per quantization group: mlx-lm's default, else the smallest mlx allows
 KV_BITS = (2, 3, 4, 6, 8)
+MAX_PREFILL_STEP = 512  # prompt tokens per forward pass (llama.cpp's default batch)
+MIN_PREFILL_STEP = 16
+BUFFER_STEP = 32  # the compute buffer lets a prompt step of this many tokens run at the full context
+WEIGHT_SLICE_ROWS = 4096  # runtime/cpu.py dequantizes at most this many rows of a weight at once
 
 
 def activation_bytes() -> int:
@@ -47,6 +57,28 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int | None = None, bits: int |
     )  # packed values + a scale and bias per group
 
 
+def step_scratch_bytes(config: dict, step: int, context: int) -> int:
+    """An upper estimate of what one float32 forward pass of `step` tokens over `context` cached tokens
+    allocates and frees; tests/test_conversations.py checks it against MLX's measured peak."""
+    hidden, ffn = config.get("hidden_size", 0), config.get("intermediate_size", 0)
+    heads = config.get("num_attention_heads") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    weight_slice = min(WEIGHT_SLICE_ROWS, max(hidden, ffn)) * hidden * 4  # a prompt's dequantized weight slice
+    layer_kv = 2 * kv_heads * head_dim(config) * context * 4  # one layer's keys and values in float32
+    per_token = 4 * (8 * hidden + 4 * ffn + 2 * heads * context)  # activations; scores and their softmax
+    return weight_slice + layer_kv + step * per_token
+
+
+def prefill_step(config: dict, context: int, buffer_bytes: int) -> int:
+    """The largest prompt step (MIN_PREFILL_STEP..MAX_PREFILL_STEP tokens) whose scratch at `context`
+    tokens fits `buffer_bytes`; MAX_PREFILL_STEP where no buffer is set (an unbounded context)."""
+    if not buffer_bytes:
+        return MAX_PREFILL_STEP
+    fixed = step_scratch_bytes(config, 0, context)
+    per_token = step_scratch_bytes(config, 1, context) - fixed
+    return max(MIN_PREFILL_STEP, min(MAX_PREFILL_STEP, (buffer_bytes - fixed) // per_token))
+
+
 @dataclass(frozen=True)
 class KVPlan:
     """What the KV cache may hold: `tokens` (None: unbounded, outside the budget), stored at `bits`."""
@@ -56,6 +88,7 @@ class KVPlan:
     bytes_per_token: int
     group: int | None = None  # quantization group, with bits
     half: bool = False  # stored in float16 while the math runs in float32 (a bounded cache on the CPU)
+    buffer_bytes: int = 0  # the compute buffer a bounded context needs (outside the budget, stated), else 0
 
     @property
     def reserved_bytes(self) -> int:
@@ -73,7 +106,8 @@ class KVPlan:
             return f"  KV cache (outside the budget; --max-kv-size counts it): {stored}, {per_k:.1f} MB per 1k tokens"
         return (
             f"  KV cache (in the budget): {self.tokens} tokens fit (--max-kv-size), {stored}, "
-            f"{self.reserved_bytes / 1e6:.1f} MB ({per_k:.1f} MB per 1k tokens)"
+            f"{self.reserved_bytes / 1e6:.1f} MB ({per_k:.1f} MB per 1k tokens); compute buffer "
+            f"{self.buffer_bytes / 1e6:.1f} MB beside it (fixed overhead): prompts run {BUFFER_STEP}+ tokens a step"
         )
 
 
@@ -94,10 +128,35 @@ def kv_plan(config: dict, max_kv_size: int | None, kv_bits: int | None, dtype_by
     dtype_bytes = dtype_bytes or activation_bytes()
     half = bool(max_kv_size) and kv_bits is None and dtype_bytes == 4  # a budgeted cache is kept in float16
     per_token = kv_bytes_per_token(config, 2 if half else dtype_bytes, kv_bits)
-    return KVPlan(max_kv_size, kv_bits, per_token, kv_group(config), half)
+    buffer = step_scratch_bytes(config, BUFFER_STEP, max_kv_size) if max_kv_size else 0
+    return KVPlan(max_kv_size, kv_bits, per_token, kv_group(config), half, buffer)
 
 
-class HalfRotatingKVCache(RotatingKVCache):
+class SharedCopies:
+    """A KV cache whose deepcopy (what mlx-lm's LRU prompt cache hands out for a kept conversation) shares
+    the keys' and values' memory: an MLX array is never changed in place while another holds its buffer,
+    so the kept cache and its working copy cost one cache until they diverge, and a kept one evicted right
+    after the copy (one long conversation) costs nothing; a deep copy would hold two for a moment."""
+
+    def __deepcopy__(self, memo: dict) -> SharedCopies:
+        out = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, mx.array):
+                setattr(out, name, value.view(value.dtype))
+            elif isinstance(value, tuple) and value and all(isinstance(v, mx.array) for v in value):
+                setattr(out, name, tuple(v.view(v.dtype) for v in value))  # a quantized cache's parts
+        return out
+
+
+class SharedRotatingKVCache(SharedCopies, RotatingKVCache):
+    pass
+
+
+class SharedQuantizedKVCache(SharedCopies, QuantizedKVCache):
+    pass
+
+
+class HalfRotatingKVCache(SharedRotatingKVCache):
     """mlx-lm's rotating cache storing float16 keys and values while attention runs in float32: half the
     bytes of a float32 cache, the precision Metal keeps anyway."""
 
@@ -110,8 +169,8 @@ def make_kv_cache(model: nn.Module, plan: KVPlan | None) -> list:
     """A fresh per-layer KV cache for `model` as `plan` says (mlx-lm's cache classes)."""
     if plan is not None and plan.bits:
         # quantized from the first token; its size is bounded by the context check, not by rotation
-        return [QuantizedKVCache(group_size=plan.group, bits=plan.bits) for _ in model.layers]
+        return [SharedQuantizedKVCache(group_size=plan.group, bits=plan.bits) for _ in model.layers]
     if plan is not None and plan.tokens:  # as mlx-lm's make_prompt_cache(model, max_kv_size) builds it
-        cache_class = HalfRotatingKVCache if plan.half else RotatingKVCache
+        cache_class = HalfRotatingKVCache if plan.half else SharedRotatingKVCache
         return [cache_class(max_size=plan.tokens, keep=4) for _ in model.layers]
     return make_prompt_cache(model)

@@ -22,7 +22,7 @@ from ..format.quant import quant_params
 from . import planner
 from .blocks import BlockSource
 from .costmodel import DiskCurve, plan_io
-from .cpu import speed_up_prompts
+from .cpu import release_freed_memory, speed_up_prompts
 from .dtypes import cast_floats, compute_dtype
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .kv import KVPlan, kv_plan
@@ -149,7 +149,9 @@ def load_model(
     planner.choose_mode(budget, mode)  # a mode the budget cannot take is refused before anything is built
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    overhead = current_rss_bytes()  # the runtime itself: Python, MLX, mlx-lm, the tokenizer
+    # the runtime itself (Python, MLX, mlx-lm, the tokenizer), the compute buffer a bounded context needs and
+    # the freed buffers MLX may keep under a budget
+    overhead = current_rss_bytes() + kv.buffer_bytes + (CACHE_LIMIT if budget.bytes is not None else 0)
     config = bundle.config
     arch = architecture(config)
     if arch is None:
@@ -166,7 +168,7 @@ def load_model(
         page = DIRECT_ALIGN // bundle.spec.record.nbytes - 1 if reader.direct_io else 0
         gap = max(0, page, io_plan.gap_bytes // bundle.spec.record.nbytes)
     stats = RuntimeStats(io=reader.counters)
-    weights = cast_floats(bundle.resident_weights(), dtype)
+    weights = cast_floats(bundle.resident_weights(), dtype, keep_quant=True)
     biases = "model.layers.0.mlp.up_bias" in weights
     spec = bundle.spec
     try:
@@ -209,8 +211,9 @@ def load_model(
     elif mode == "flash":
         runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
     model.eval()
-    if budget.bytes is not None:  # freed buffers go back to the system instead of MLX's cache
+    if budget.bytes is not None:  # freed buffers go back to the system instead of MLX's or malloc's caches
         mx.set_cache_limit(CACHE_LIMIT)
+        release_freed_memory()
     model.flash = runtime
     return model, tokenizer
 

@@ -28,6 +28,7 @@ from ..arch.registry import model_classes
 from ..errors import UsageError
 from ..format.moe import MoEBundle
 from .costmodel import DiskCurve, plan_io
+from .cpu import release_freed_memory
 from .experts import ExpertIndex, ExpertSlots, switch_glu
 from .model import CACHE_LIMIT, _load_resident
 from .moe_plan import MoEPlan
@@ -225,8 +226,10 @@ def load_moe_model(
     bundle = MoEBundle.open(path, verify=verify)
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    overhead = current_rss_bytes()
     budget = Budget.of(bundle, memory)
+    overhead = current_rss_bytes() + (
+        CACHE_LIMIT if budget.bytes is not None else 0
+    )  # the runtime; MLX's freed buffers
     curve = DiskCurve.load_or_default()
     reader = FlashReader(
         bundle.ffn_path, threads=threads or plan_io(curve, min(bundle.spec.record.nbytes, SPLIT_BYTES)).threads
@@ -252,5 +255,6 @@ def load_moe_model(
     model.eval()
     if budget.bytes is not None:
         mx.set_cache_limit(CACHE_LIMIT)
+        release_freed_memory()
     model.flash = runtime
     return model, tokenizer

@@ -56,4 +56,10 @@ def load_report(model: nn.Module) -> str:
     lines.append(kv.describe() + full)
     ram = machine_memory_bytes()
     lines.append(f"  resident at load: {_mb(rt.resident_bytes)}" + (f"; machine memory {_mb(ram)}" if ram else ""))
+    lines.append(
+        f"  fixed overhead beside the budget: {_mb(rt.fixed_overhead_bytes)} (Python, MLX, mlx-lm and the tokenizer"
+        + (", the compute buffer" if kv.buffer_bytes else "")
+        + (", MLX's freed-buffer cache" if getattr(plan, "budget", None) else "")
+        + ")"
+    )
     return "\n".join(lines)

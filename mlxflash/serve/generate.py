@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..errors import UsageError
+from ..runtime.kv import prefill_step
 
 
 @dataclass
@@ -68,9 +69,6 @@ def check_prompt(
     return max_tokens
 
 
-PREFILL_STEP = 512  # prompt tokens per forward pass (llama.cpp's default batch)
-
-
 def stream_generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
@@ -91,7 +89,9 @@ def stream_generate(
         mx.random.seed(seed)
     kwargs.setdefault("sampler", make_sampler(temp, top_p, top_k=top_k))
     # mlx-lm prefills 2048 tokens a step; its attention scores alone then outweigh a small budget's KV cache
-    kwargs.setdefault("prefill_step_size", PREFILL_STEP)
+    cache = kwargs.get("prompt_cache")
+    context = (cache[0].offset if cache else 0) + len(tokens)
+    kwargs.setdefault("prefill_step_size", prefill_step(runtime.bundle.config, context, runtime.kv.buffer_bytes))
     stats = runtime.token_stats()
     start = time.perf_counter()
     base = runtime.stats.snapshot()
