@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mlxflash.format.bundle import RecordLayout
 from mlxflash.format.quant import pack_codes, transpose_packed, unpack_codes
-from mlxflash.runtime.reader import FlashReader, aligned_buffer
+from mlxflash.runtime.reader import FlashReader, aligned_buffer, scratch_size_for
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float16": np.float16, "float32": np.float32}
 
@@ -59,13 +59,14 @@ def test_packed_transpose_is_lossless(bits, rows, cols, seed):
         st.tuples(st.integers(0, 300_000), st.integers(1, 70_000), st.integers(0, 4095)), min_size=1, max_size=8
     ),
     direct=st.booleans(),
+    record=st.sampled_from([1, 1007, 2600, 24_000, 100_000]),  # the scratch is sized from the record
 )
-def test_reader_returns_file_bytes(tmp_path_factory, runs, direct):
+def test_reader_returns_file_bytes(tmp_path_factory, runs, direct, record):
     path = tmp_path_factory.getbasetemp() / "reader.bin"
     if not path.exists():
         path.write_bytes(np.random.default_rng(0).integers(0, 255, 400_000, dtype=np.uint8).tobytes())
     data = path.read_bytes()
-    reader = FlashReader(path, threads=3, direct=direct)
+    reader = FlashReader(path, threads=3, direct=direct, scratch=scratch_size_for(record))
     try:
         wanted, dests = [], []
         for offset, length, skew in runs:
@@ -81,6 +82,12 @@ def test_reader_returns_file_bytes(tmp_path_factory, runs, direct):
         assert reader.counters.bytes_read == sum(len(w) for w in wanted)
     finally:
         reader.close()
+
+
+def test_scratch_is_two_records_and_their_pages_within_16_to_64_kib():
+    assert scratch_size_for(1007) == 16 << 10  # the default model's records
+    assert scratch_size_for(12_000) == 32 << 10  # 2 * 12,000 + 8 KiB, in whole pages
+    assert scratch_size_for(48_000) == 64 << 10
 
 
 def _direct_read_works(path) -> bool:

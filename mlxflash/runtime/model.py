@@ -27,7 +27,7 @@ from .dtypes import cast_floats, compute_dtype
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .kv import KVPlan, kv_plan
 from .planner import Budget, Plan, PlanRequest, prompt_chunk_rows
-from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
+from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer, scratch_size_for
 from .selectors import Selector
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
 
@@ -161,7 +161,9 @@ def load_model(
     model_class, args_class = arch.classes(config)
     model = model_class(args_class.from_dict(config))
     io_plan = plan_io(DiskCurve.load_or_default(), bundle.spec.record.nbytes)
-    reader = FlashReader(bundle.ffn_path, threads=threads or io_plan.threads)
+    reader = FlashReader(
+        bundle.ffn_path, threads=threads or io_plan.threads, scratch=scratch_size_for(bundle.spec.record.nbytes)
+    )
     if gap is None:
         gap = 0
     elif gap == "auto":  # what the cost model says is cheaper to read than to skip (a page at least)

@@ -227,9 +227,8 @@ def load_moe_model(
     eos = bundle.config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     budget = Budget.of(bundle, memory)
-    overhead = current_rss_bytes() + (
-        CACHE_LIMIT if budget.bytes is not None else 0
-    )  # the runtime; MLX's freed buffers
+    # the runtime itself, and the freed buffers MLX may keep under a budget
+    overhead = current_rss_bytes() + (CACHE_LIMIT if budget.bytes is not None else 0)
     curve = DiskCurve.load_or_default()
     reader = FlashReader(
         bundle.ffn_path, threads=threads or plan_io(curve, min(bundle.spec.record.nbytes, SPLIT_BYTES)).threads
