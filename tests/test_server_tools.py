@@ -7,6 +7,8 @@ the official `openai` client."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -192,6 +194,40 @@ def test_models_lists_the_bundles_and_switches(served, client, models):
     assert [m.id for m in client.models.list().data] == ["tiny-b", "tiny-a"]
     text = client.completions.create(model="tiny-a", prompt="hi", max_tokens=2, temperature=0)
     assert text.model == "tiny-a" and engine.model_id == "tiny-a"
+
+
+def test_a_model_that_fails_to_load_is_named_and_the_last_one_keeps_serving(served, client, models):
+    port, engine = served
+    broken = models / "tiny-broken"
+    shutil.copytree(models / "tiny-a", broken)
+    try:
+        with open(broken / "ffn.bin", "r+b") as f:
+            f.truncate(100)
+        before = engine.model_id
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny-broken", messages=Q, max_tokens=2)
+        assert "'tiny-broken' failed to load" in e.value.body["message"] and "ffn.bin" in e.value.body["message"]
+        assert engine.model_id == before and get(port, "/health")[1]["model"] == before
+        r = client.chat.completions.create(messages=Q, max_tokens=2, temperature=0, model=before)
+        assert r.model == before and r.usage.completion_tokens >= 1
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_the_catalog_reads_a_config_again_only_when_it_changes(models, monkeypatch):
+    import mlxflash.serve.models as catalog_module
+
+    reads: list[str] = []
+    real = catalog_module.is_bundle
+    monkeypatch.setattr(catalog_module, "is_bundle", lambda p: reads.append(p.name) or real(p))
+    catalog = Catalog(models)
+    assert list(catalog.bundles()) == ["tiny-a", "tiny-b"] and sorted(reads) == ["tiny-a", "tiny-b"]
+    catalog.bundles()
+    assert len(reads) == 2  # nothing changed: nothing read
+    config = models / "tiny-a" / "config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert list(catalog.bundles()) == ["tiny-a", "tiny-b"] and len(reads) == 4  # tiny-b links to it
 
 
 def test_the_default_models_template_has_no_tools(default_bundle):

@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -286,6 +287,11 @@ def add_serve(sub) -> None:
     p.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS ('*' for any)")
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more get 503")
     p.add_argument("--max-body", type=int, default=MAX_BODY, help="largest request body in bytes")
+    p.add_argument(
+        "--models",
+        metavar="DIR",
+        help="the bundles /v1/models lists and loads on request (default: $MLXFLASH_MODELS, else models/)",
+    )
     p.set_defaults(run=serve)
 
 
@@ -296,11 +302,14 @@ def serve(args) -> None:
 
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port within 1..65535")
+    root = Path(args.models) if args.models else models_dir()
+    if args.models and not root.is_dir():
+        raise UsageError(f"--models {args.models}: not a directory")
     # MLX streams belong to a thread: load, generate and close on the one worker thread.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxflash-gen")
     sess = worker.submit(session, args.model, **model_options(args)).result()
     print(load_report(sess.model), file=sys.stderr, flush=True)
-    catalog = Catalog(models_dir(), model_options(args))
+    catalog = Catalog(root, model_options(args))
     engine = Engine(sess, model_id_of(sess), args.max_queue, worker, catalog)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     app = make_app(engine, origins, args.max_body)
