@@ -19,6 +19,7 @@ from tiny import make_hf_dir
 import mlxflash
 from mlxflash.errors import UsageError
 from mlxflash.runtime.kv import kv_bytes_per_token, kv_plan, make_kv_cache, prefill_step, step_scratch_bytes
+from mlxflash.runtime.train import calibrate_gate
 from mlxflash.serve.session import Session
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -205,3 +206,18 @@ def test_a_kept_conversation_and_its_working_copy_share_memory(bundle):
         assert all(np.array_equal(np.array(c.keys), k) for c, k in zip(sess.cache, snapshot))
         again = [r.token for r in sess.stream(prompt, max_tokens=4, temp=0)]
         assert again == first and sess.reused_tokens == len(prompt) - 1
+
+
+def test_a_budget_too_small_names_the_least_one_a_lower_density_would_take(tmp_path):
+    src = make_hf_dir(tmp_path / "src", {"hidden_size": 256, "intermediate_size": 1024})
+    b = mlxflash.convert(src, tmp_path / "b", bits=4, group_size=32, progress=False)
+    (tmp_path / "text.txt").write_text(" ".join(f"word{i % 97} and more{i % 13}" for i in range(3000)))
+    calibrate_gate(b, tmp_path / "text.txt", tokens=512, context=64)  # a selector that may be re-thresholded
+    with pytest.raises(UsageError) as e:
+        mlxflash.load(b, mode="flash", memory="0.5MB", max_kv_size=MAX_KV)
+    found = re.search(r"about ([\d.]+) MB, or ([\d.]+) MB with the selector set to density 0.05", str(e.value))
+    assert found and float(found.group(2)) < float(found.group(1)), str(e.value)
+    model, _ = mlxflash.load(b, mode="flash", memory=int(float(found.group(2)) * 1e6 + 1e5), max_kv_size=MAX_KV)
+    plan = model.flash.plan
+    assert 0.05 <= plan.density < 0.5 and plan.planned_bytes <= plan.budget
+    model.flash.close()

@@ -229,7 +229,10 @@ def plan(
     except TooSmall as e:
         density = _fitting_density(bundle, selector, request, e.plan)
         if density is None:
-            raise
+            least = _least_budget(bundle, selector, request, e.plan)
+            if least is None:
+                raise
+            raise TooSmall(f"{e}, or {_mb(least)} with the selector set to density {MIN_DENSITY}", e.plan) from None
         selector = selector.at_density(bundle.spec.selector, density)
         fitted = _size_flash(bundle, budget, selector, request.window, reader)
         fitted.note = (
@@ -283,6 +286,16 @@ def _fitting_density(bundle: Bundle, selector: Selector, request: PlanRequest, t
     if fits < MIN_DENSITY:
         return None
     return fits if top_k else math.floor(fits / MIN_DENSITY) * MIN_DENSITY
+
+
+def _least_budget(bundle: Bundle, selector: Selector, request: PlanRequest, too_big: Plan) -> int | None:
+    """The budget at which the selector, re-thresholded to MIN_DENSITY, would fit; None where it cannot be."""
+    if _fitting_density(bundle, selector, request, replace(too_big, capacity=too_big.neurons)) is None:
+        return None
+    need = max(
+        1, math.ceil(MIN_DENSITY * too_big.neurons / (1.0 if isinstance(selector, GateSelector) else DENSITY_MARGIN))
+    )
+    return too_big.fixed_bytes + need * too_big.layers * too_big.record_bytes
 
 
 def _size_flash(bundle: Bundle, budget: Budget, selector: Selector, window: int | None, reader: FlashReader) -> Plan:
