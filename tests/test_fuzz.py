@@ -1,10 +1,11 @@
 """Fuzzing with hypothesis (bounded): a bundle with random byte flips or truncations in any of its files is
 refused at load with a message naming that file; the HTTP API answers any JSON shape or type with a 2xx or
-4xx (never a 500) and keeps serving."""
+4xx (never a 500) and keeps serving. MLXFLASH_FUZZ_SCALE=N tries N times as many inputs (CI: 1)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mlxflash.errors import MlxflashError
 from mlxflash.format.bundle import Bundle
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+SCALE = int(os.environ.get("MLXFLASH_FUZZ_SCALE", "1"))  # a longer fuzz than CI's, when asked
 FILES = ["config.json", "ffn.bin", "resident.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
@@ -36,7 +38,7 @@ def test_every_file_is_checksummed(tiny_bundle):
     assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted(listed) == sorted(FILES)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     name=st.sampled_from(FILES),
     where=st.floats(0, 1, exclude_max=True),
@@ -108,7 +110,7 @@ bodies = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), body=bodies)
 def test_api_never_answers_500(api_port, path, body):
     if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 3:
@@ -123,7 +125,7 @@ def test_api_never_answers_500(api_port, path, body):
         assert isinstance(answer, dict) and isinstance(answer["error"]["message"], str) and answer["error"]["message"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_api_refuses_arbitrary_bytes_with_400(api_port, raw):
     status, answer = post(api_port, "/v1/chat/completions", raw)

@@ -4,6 +4,10 @@ request past `--max-kv-size` must get a 400 naming the limit. Prints a table (tu
 tokens, RSS) and the budget line (the memory budget plus the fixed overhead, from `/v1/stats`).
 
     python tools/long_conversation.py --memory 180MB --max-kv-size 4096 --tokens 3000 --past 5000 [--json out.json]
+    python tools/long_conversation.py --conversations 2 --tokens 1500   # two conversations, turns alternating
+
+With several conversations, each turn goes to the next one in turn (as clients alternating would), and the
+result says the least share of a later turn's prompt that came from the cache (`cached_tokens`).
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3000, help="grow the conversation to this many prompt tokens")
     ap.add_argument("--past", type=int, default=5000, help="then one prompt of about this many tokens: a 400")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--conversations", type=int, default=1, help="this many conversations, turns alternating")
     ap.add_argument("--json", help="write the rows and the result here")
     args = ap.parse_args()
     proc, port = start(args.model, args.memory, ["--max-kv-size", str(args.max_kv_size)])
-    rows, messages = [], []
+    rows, talks = [], [[] for _ in range(max(1, args.conversations))]
     try:
         while not rows or rows[-1]["prompt_tokens"] < args.tokens:
-            messages.append({"role": "user", "content": user_turn(len(rows))})
+            talk = len(rows) % len(talks)
+            messages = talks[talk]
+            messages.append({"role": "user", "content": f"Conversation {talk}. " + user_turn(len(rows))})
             status, r = chat(port, messages, args.max_tokens)
             if status != 200:
                 raise SystemExit(f"turn {len(rows)}: HTTP {status}: {r}")
@@ -54,15 +61,15 @@ def main() -> None:
             rows.append(
                 {
                     "turn": len(rows),
+                    "conversation": talk,
                     "prompt_tokens": usage["prompt_tokens"],
                     "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
                     "rss_mb": round(rss_bytes(proc.pid) / 1e6, 1),
                 }
             )
             print(
-                "turn {turn:3d}  prompt {prompt_tokens:5d} tokens  cached {cached_tokens:5d}  RSS {rss_mb:7.1f} MB".format(
-                    **rows[-1]
-                ),
+                "turn {turn:3d}  conversation {conversation}  prompt {prompt_tokens:5d} tokens  cached {cached_tokens:5d}  "
+                "RSS {rss_mb:7.1f} MB".format(**rows[-1]),
                 flush=True,
             )
         words = max(1, args.past // len(LONG_TEXT.split()))
@@ -76,6 +83,10 @@ def main() -> None:
         "memory": args.memory,
         "max_kv_size": args.max_kv_size,
         "turns": len(rows),
+        "conversations": len(talks),
+        "least_cached_share_after_first_turns": round(
+            min((r["cached_tokens"] / r["prompt_tokens"] for r in rows[len(talks) :]), default=0.0), 3
+        ),
         "last_prompt_tokens": rows[-1]["prompt_tokens"],
         "server_peak_rss_mb": round(stats.get("peak_rss_bytes", 0) / 1e6, 1),
         "budget_mb": round(runtime.get("memory_budget", 0) / 1e6, 1),
