@@ -1,8 +1,9 @@
 """A tool call round trip with a real model through the official `openai` client (pip install -e ".[test]"):
 `mlxflash serve` is started here on a model whose chat template knows tools (Qwen2.5-Coder-1.5B-Instruct,
 `mlxflash fetch qwen2.5-coder-1.5b`), asked a question with one tool, whole and streamed; the call is
-answered with the tool's result and the model's final reply printed. Exits non-zero unless both requests
-returned a well-formed call of the tool.
+answered with the tool's result and the model's final reply printed (asked with `tool_choice: "none"`,
+as apps do for the last turn: the 1.5B model, offered the tool again, calls it again). Exits non-zero
+unless both requests returned a well-formed call of the tool and the final reply is text.
 
     python tools/tool_call.py [--model Qwen2.5-Coder-1.5B-Instruct-Q4_K_M] [--memory 70%] [--json out.json]
 """
@@ -81,7 +82,9 @@ def answer(client, model: str, call: dict) -> str:
         },
         {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(RESULT)},
     ]
-    r = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER], max_tokens=48, temperature=0)
+    r = client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=48, temperature=0
+    )
     return r.choices[0].message.content or ""
 
 
@@ -122,6 +125,7 @@ def main() -> None:
         if ok:
             out["reply"] = answer(client, model, out["whole"]["calls"][0])
             print(f"reply to the tool's result: {out['reply']!r}")
+            ok = bool(out["reply"].strip())
         out["ok"] = ok
         print("tool call round trip:", "ok" if ok else "FAILED")
         if args.json:
