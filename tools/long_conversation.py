@@ -4,10 +4,11 @@ request past `--max-kv-size` must get a 400 naming the limit. Prints a table (tu
 tokens, RSS) and the budget line (the memory budget plus the fixed overhead, from `/v1/stats`).
 
     python tools/long_conversation.py --memory 180MB --max-kv-size 4096 --tokens 3000 --past 5000 [--json out.json]
-    python tools/long_conversation.py --conversations 2 --tokens 1500   # two conversations, turns alternating
+    python tools/long_conversation.py --conversations 2 --tokens 1500 --short-turns   # two chats alternating
 
 With several conversations, each turn goes to the next one in turn (as clients alternating would), and the
-result says the least share of a later turn's prompt that came from the cache (`cached_tokens`).
+result says the least share of a later turn's prompt that came from the cache (`cached_tokens`). With
+--short-turns only a conversation's first message is long; the later ones are a short question, as in a chat.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=5000, help="then one prompt of about this many tokens: a 400")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--conversations", type=int, default=1, help="this many conversations, turns alternating")
+    ap.add_argument(
+        "--short-turns", action="store_true", help="after its first message, a conversation gets short questions"
+    )
     ap.add_argument("--json", help="write the rows and the result here")
     args = ap.parse_args()
     proc, port = start(args.model, args.memory, ["--max-kv-size", str(args.max_kv_size)])
@@ -52,7 +56,9 @@ def main() -> None:
         while not rows or rows[-1]["prompt_tokens"] < args.tokens:
             talk = len(rows) % len(talks)
             messages = talks[talk]
-            messages.append({"role": "user", "content": f"Conversation {talk}. " + user_turn(len(rows))})
+            short = args.short_turns and messages
+            text = f"And what about {TOPICS[len(rows) % len(TOPICS)]}?" if short else user_turn(len(rows))
+            messages.append({"role": "user", "content": f"Conversation {talk}. " + text})
             status, r = chat(port, messages, args.max_tokens)
             if status != 200:
                 raise SystemExit(f"turn {len(rows)}: HTTP {status}: {r}")
