@@ -88,6 +88,7 @@ def test_scratch_is_two_records_and_their_pages_within_16_to_64_kib():
     assert scratch_size_for(1007) == 16 << 10  # the default model's records
     assert scratch_size_for(12_000) == 32 << 10  # 2 * 12,000 + 8 KiB, in whole pages
     assert scratch_size_for(48_000) == 64 << 10
+    assert scratch_size_for(1007, gap=3) == 64 << 10  # reads through gaps are long: not cut small
 
 
 def _direct_read_works(path) -> bool:

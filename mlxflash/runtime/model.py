@@ -161,14 +161,13 @@ def load_model(
     model_class, args_class = arch.classes(config)
     model = model_class(args_class.from_dict(config))
     io_plan = plan_io(DiskCurve.load_or_default(), bundle.spec.record.nbytes)
-    reader = FlashReader(
-        bundle.ffn_path, threads=threads or io_plan.threads, scratch=scratch_size_for(bundle.spec.record.nbytes)
-    )
+    reader = FlashReader(bundle.ffn_path, threads=threads or io_plan.threads)
     if gap is None:
         gap = 0
     elif gap == "auto":  # what the cost model says is cheaper to read than to skip (a page at least)
         page = DIRECT_ALIGN // bundle.spec.record.nbytes - 1 if reader.direct_io else 0
         gap = max(0, page, io_plan.gap_bytes // bundle.spec.record.nbytes)
+    reader.scratch = scratch_size_for(bundle.spec.record.nbytes, int(gap))  # before the plan counts it
     stats = RuntimeStats(io=reader.counters)
     weights = cast_floats(bundle.resident_weights(), dtype, keep_quant=True)
     biases = "model.layers.0.mlp.up_bias" in weights

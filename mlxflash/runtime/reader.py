@@ -28,10 +28,13 @@ SCRATCH_BYTES = 64 << 10  # per thread, at most: unaligned reads go through it i
 MIN_SCRATCH_BYTES = 16 << 10
 
 
-def scratch_size_for(record_bytes: int) -> int:
+def scratch_size_for(record_bytes: int, gap: int = 0) -> int:
     """A thread's scratch: two records and their alignment on both sides, in whole pages, 16-64 KiB. Small
     records make small reads, and a small budget's bytes are better spent on cached neurons (on the
-    default model 32 threads' 64 KiB were 2 MB, 70 neurons a layer)."""
+    default model 32 threads' 64 KiB were 2 MB, 70 neurons a layer). Reads through gaps (`gap` > 0) are
+    long by design: they get the largest scratch, not to be cut into many small reads again."""
+    if gap > 0:
+        return SCRATCH_BYTES
     need = -(-(2 * record_bytes + 2 * DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
     return max(MIN_SCRATCH_BYTES, min(SCRATCH_BYTES, need))
 
