@@ -15,6 +15,9 @@ import time
 
 import pytest
 
+from mlxflash.fetch.staging import models_dir
+from mlxflash.serve.models import is_bundle
+
 openai = pytest.importorskip("openai")
 
 ORIGIN = "http://app.example"
@@ -78,7 +81,8 @@ def _chat(client, **kw):
 def test_health_models_and_stats(server, client):
     assert _raw(server, "GET", "/health")[:1] == (200,)
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["SmolLM2-135M-Instruct-Q4_1"]
+    listed = sorted(p.name for p in models_dir().iterdir() if is_bundle(p))  # other bundles a user fetched too
+    assert ids[0] == "SmolLM2-135M-Instruct-Q4_1" and sorted(ids) == listed
     status, _, before = _raw(server, "GET", "/v1/stats")
     assert status == 200 and before["mode"] == "resident" and before["model"] == ids[0]
     assert before["resident_bytes"] > 90e6  # the whole 98 MB model (its 52 MB resident part and the FFN)
