@@ -22,6 +22,7 @@ from mlxflash.format.convert import convert
 from mlxflash.format.moe import MoEBundle, read_experts
 from mlxflash.runtime.experts import ExpertIndex, replay
 from mlxflash.runtime.moe import record_routes
+from mlxflash.runtime.report import load_report
 from mlxflash.runtime.routing import generate_routing, reuse_stats, share_any
 
 COMMON = {
@@ -178,6 +179,16 @@ def test_greedy_tokens_identical_over_32_steps(case, mode):
         flash, _ = mlxflash.load(path, mode=mode, slots=slots)
         assert _greedy(flash) == expected, (mode, slots)
         flash.flash.close()
+
+
+def test_generate_and_the_load_report_run_on_an_moe_bundle(case):
+    _, _, path, _ = case
+    model, tokenizer = mlxflash.load(path, mode="flash", slots=2)
+    report = load_report(model)
+    assert "KV cache (outside the budget" in report and f"compute: {model.flash.bundle.spec.dtype}" in report
+    out = list(mlxflash.stream_generate(model, tokenizer, PROMPT, max_tokens=4, temp=0))
+    assert [r.token for r in out] == _greedy(model, 4)
+    model.flash.close()
 
 
 def test_naive_reads_every_routed_expert_each_token(case):

@@ -26,10 +26,12 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..arch.registry import model_classes
 from ..errors import UsageError
+from ..format.bundle import mx_dtype
 from ..format.moe import MoEBundle
 from .costmodel import DiskCurve, plan_io
 from .cpu import release_freed_memory
 from .experts import ExpertIndex, ExpertSlots, switch_glu
+from .kv import KVPlan, kv_plan
 from .model import CACHE_LIMIT, _load_resident
 from .moe_plan import MoEPlan
 from .planner import MODES, Budget, PlanRequest, plan
@@ -139,7 +141,12 @@ class MoERuntime:
     resident_bytes: int
     fixed_overhead_bytes: int
     plan: MoEPlan
+    kv: KVPlan  # the KV cache outside the budget (MoE bundles take no --max-kv-size)
     experts: list = field(default_factory=list)
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.bundle.spec.dtype  # experts and resident weights are used as stored
 
     @property
     def ffn_bytes(self) -> int:
@@ -239,7 +246,8 @@ def load_moe_model(
     model_class, args_class = model_classes(bundle.config)
     model = model_class(args_class.from_dict(bundle.config))
     stats = RuntimeStats(io=reader.counters)
-    runtime = MoERuntime(bundle, mode, reader, stats, memory_plan.planned_bytes, overhead, memory_plan)
+    kv = kv_plan(bundle.config, None, None, dtype_bytes=mx_dtype(bundle.spec.dtype).size)
+    runtime = MoERuntime(bundle, mode, reader, stats, memory_plan.planned_bytes, overhead, memory_plan, kv)
     prompt = ExpertSlots(bundle.spec, memory_plan.prompt_slots) if memory_plan.prompt_slots else None
     layers = model.layers
     for block, b in enumerate(bundle.spec.layers):
