@@ -116,17 +116,15 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 128 << 10  # glibc's initial value, kept from then on
 
 
-def release_freed_memory() -> str:
-    """Have freed large blocks go back to the system (glibc on Linux); says what was done."""
+def release_freed_memory() -> None:
+    """Have freed large blocks go back to the system: glibc on Linux; elsewhere (no glibc, no mallopt)
+    the allocator keeps its default."""
     if not sys.platform.startswith("linux"):
-        return "the system allocator's default (not glibc)"
+        return
     try:
-        libc = ctypes.CDLL(None)
-        if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
-            return f"glibc maps blocks over {MMAP_THRESHOLD >> 10} KiB (freed ones leave RSS)"
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
-    return "no glibc mallopt: the allocator's default"
 
 
 def on_cpu() -> bool:

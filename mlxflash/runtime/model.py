@@ -212,11 +212,16 @@ def load_model(
     elif mode == "flash":
         runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
     model.eval()
-    if budget.bytes is not None:  # freed buffers go back to the system instead of MLX's or malloc's caches
-        mx.set_cache_limit(CACHE_LIMIT)
-        release_freed_memory()
+    if budget.bytes is not None:
+        hold_freed_memory_to_budget()
     model.flash = runtime
     return model, tokenizer
+
+
+def hold_freed_memory_to_budget() -> None:
+    """Under a budget, freed buffers go back to the system instead of staying in MLX's or malloc's caches."""
+    mx.set_cache_limit(CACHE_LIMIT)
+    release_freed_memory()
 
 
 def _load_resident(model: nn.Module, bundle: Bundle, weights: dict) -> None:

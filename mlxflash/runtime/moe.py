@@ -29,10 +29,9 @@ from ..errors import UsageError
 from ..format.bundle import mx_dtype
 from ..format.moe import MoEBundle
 from .costmodel import DiskCurve, plan_io
-from .cpu import release_freed_memory
 from .experts import ExpertIndex, ExpertSlots, switch_glu
 from .kv import KVPlan, kv_plan
-from .model import CACHE_LIMIT, _load_resident
+from .model import CACHE_LIMIT, _load_resident, hold_freed_memory_to_budget
 from .moe_plan import MoEPlan
 from .planner import MODES, Budget, PlanRequest, plan
 from .reader import SPLIT_BYTES, FlashReader
@@ -261,7 +260,6 @@ def load_moe_model(
             m._index.hits = m._index.misses = 0
     model.eval()
     if budget.bytes is not None:
-        mx.set_cache_limit(CACHE_LIMIT)
-        release_freed_memory()
+        hold_freed_memory_to_budget()
     model.flash = runtime
     return model, tokenizer
