@@ -42,6 +42,13 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
     p.add_argument(
+        "--down-layout",
+        choices=("auto", "rows", "groups"),
+        default="auto",
+        help="quantized down projection: per neuron along d (rows: fast sparse products, neurons reorder "
+        "one by one) or as the source groups it; auto: rows where the source's down has 8 bits or more",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float16", "bfloat16", "float32"),
         help="dtype of float weights (a quantized GGUF: of its scales; float32 keeps K-quants bit-exact)",
@@ -133,7 +140,9 @@ def _generate(args) -> None:
 def _convert(args) -> None:
     from .format.convert import convert
 
-    out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size, dtype=args.dtype)
+    out = convert(
+        args.source, args.out, bits=args.bits, group_size=args.group_size, dtype=args.dtype, layout=args.down_layout
+    )
     print(f"wrote {out}")
 
 

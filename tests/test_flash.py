@@ -67,6 +67,9 @@ def bundles(tmp_path_factory):
         "llama-q4": mlxflash.convert(
             make_hf_dir(root / "q-src"), root / "llama-q4", bits=4, group_size=32, progress=False
         ),
+        "llama-rows": mlxflash.convert(
+            make_hf_dir(root / "r-src"), root / "llama-rows", bits=4, group_size=32, progress=False, layout="rows"
+        ),
     }
 
 
@@ -99,7 +102,7 @@ def test_oracle_selector_gives_dense_logits_for_relu(bundles, name):
     assert 0 < selected < len(TOKENS) * 2 * Bundle.open(bundles[name]).spec.intermediate_size  # it really was sparse
 
 
-@pytest.mark.parametrize("name, atol", [("llama", 1e-5), ("llama-q4", 1e-4)])
+@pytest.mark.parametrize("name, atol", [("llama", 1e-5), ("llama-q4", 1e-4), ("llama-rows", 1e-4)])
 def test_every_neuron_selected_gives_dense_logits_for_gated(bundles, name, atol):
     dense, _ = mlxflash.load(bundles[name], mode="resident")
     flash, _ = mlxflash.load(bundles[name], mode="flash", selector="all")
@@ -116,11 +119,15 @@ def _gate_selector(path, quantile=0.6):
     return GateSelector(gates, bundle.spec.quantization, thresholds)
 
 
-@pytest.mark.parametrize("window, retain, rows", [(1, False, None), (3, False, None), (2, True, 48)])
-def test_masked_prompt_equals_token_by_token_flash(bundles, window, retain, rows):
+@pytest.mark.parametrize(
+    "window, retain, rows, name",
+    [(1, False, None, "llama-q4"), (3, False, None, "llama-q4"), (2, True, 48, "llama-q4"), (2, False, 48, "llama-rows")],
+)
+def test_masked_prompt_equals_token_by_token_flash(bundles, window, retain, rows, name):
     """Evaluation runs whole sequences with per-token masks; that must equal real flash decoding (also with a
-    cache of `rows` neurons, too small for every neuron, and with neurons retained past the window)."""
-    path = bundles["llama-q4"]
+    cache of `rows` neurons, too small for every neuron, and with neurons retained past the window; and with
+    the down projection quantized per neuron)."""
+    path = bundles[name]
     memory = None
     if rows:  # a budget that leaves exactly `rows` cached neurons per layer
         plan = mlxflash.load(path, mode="flash", selector=_gate_selector(path))[0].flash.plan

@@ -28,13 +28,17 @@ def decode(bundle: Path, tokens: list[int], **kw) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.mark.parametrize("shape,bits", [("tiny-llama", None), ("tiny-opt", None), ("tiny-llama", 4)])
-def test_reordered_bundle_computes_the_same(tmp_path, shape, bits):
+@pytest.mark.parametrize(
+    "shape,bits,g", [("tiny-llama", None, 1), ("tiny-opt", None, 1), ("tiny-llama", 4, 32), ("tiny-llama", 8, 1)]
+)
+def test_reordered_bundle_computes_the_same(tmp_path, shape, bits, g):
+    """Float bundles and the 8-bit down quantized per neuron (rows) move neuron by neuron; a grouped
+    4-bit down in whole groups."""
     src = make_synthetic.make_synthetic(
         shape, tmp_path / "a", dtype="float32", bits=bits, group_size=32, progress=False
     )
     bundle = Bundle.open(src)
-    g = reorder.group_size(bundle)
+    assert reorder.group_size(bundle) == g
     rng = np.random.default_rng(0)
     perms = []
     for b in bundle.spec.layers:

@@ -337,8 +337,10 @@ def make_synthetic(
     rank: int = 128,
     seed: int = 0,
     progress: bool = True,
+    layout: str = "auto",
 ) -> Path:
-    """Write the bundle; `shape` is a SHAPES key or a dict like SHAPES' values."""
+    """Write the bundle; `shape` is a SHAPES key or a dict like SHAPES' values (`layout`: the quantized
+    down projection's, mlxflash.format.convert.down_layout)."""
     s = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
     layers = layers or s["layers"]
     r = Rand(seed, getattr(mx, dtype))
@@ -365,6 +367,7 @@ def make_synthetic(
             selector=selector,
             tokenizer_dir=Path(tok),
             progress=progress,
+            layout=layout,
         )
 
 
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the FFN")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--down-layout", default="auto", choices=["auto", "rows", "groups"], help="quantized down projection")
     p.add_argument("--rank", type=int, default=128, help="predictor rank (0: no predictors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int)
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             s[key] = value
     shape = args.shape if s == SHAPES[args.shape] else s
-    path = make_synthetic(shape, args.out, args.layers, args.dtype, args.bits, args.group_size, args.rank, args.seed)
+    path = make_synthetic(shape, args.out, args.layers, args.dtype, args.bits, args.group_size, args.rank, args.seed, layout=args.down_layout)
     print(path)
     return 0
 

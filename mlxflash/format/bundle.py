@@ -22,6 +22,12 @@ The down projection of every quantized source we read (GGUF, mlx-lm, ``--bits``)
 neuron axis; a neuron's column therefore holds its codes only (``down.weight``, packed along d, no
 second rounding), while the group scales and biases, shared by ``group_size`` neurons and small
 (1/8 of the codes at 4 bits), stay resident as ``model.layers.L.mlp.down_scales`` / ``down_biases``.
+Or, with ``quantization.down.layout = "rows"``, the converter re-quantizes each neuron's down column along
+d (groups of ``group_size`` outputs, at 8 bits or more, so the second rounding is below the first) and
+the record holds ``down.weight``, ``down.scales`` and ``down.biases``: nothing of the FFN stays
+resident, any subset of neurons in any order is one ``mx.quantized_matmul(h, w, transpose=False)``, and
+neurons move one by one (reordering on disk). The sparse product of the grouped layout instead gathers
+each selected neuron's group scales at every token: on the 1.5B model 44 ms a layer against 0.8.
 
 The ``flash`` section of config.json::
 
@@ -236,6 +242,11 @@ class FFNSpec:
             raise BundleError(f"{where}: malformed flash section ({e!r} missing or wrong)") from e
 
 
+def down_rows(quantization: dict | None) -> bool:
+    """Whether a quantized bundle's down columns are quantized per neuron, along d (layout "rows")."""
+    return bool(quantization) and quantization["down"].get("layout") == "rows"
+
+
 def record_parts(hidden_size: int, gated: bool, dtype: str, quantization: dict | None) -> list[tuple[str, str, int]]:
     """The fields of a neuron record for this FFN shape and storage."""
     names = (["gate"] if gated else []) + ["up"]
@@ -251,7 +262,13 @@ def record_parts(hidden_size: int, gated: bool, dtype: str, quantization: dict |
         else:
             parts.append((f"{name}.weight", dtype, hidden_size))
     if quantization:
-        parts.append(("down.weight", "uint32", hidden_size * quantization["down"]["bits"] // 32))
+        q = quantization["down"]
+        parts.append(("down.weight", "uint32", hidden_size * q["bits"] // 32))
+        if down_rows(quantization):
+            parts += [
+                ("down.scales", dtype, hidden_size // q["group_size"]),
+                ("down.biases", dtype, hidden_size // q["group_size"]),
+            ]
     else:
         parts.append(("down.weight", dtype, hidden_size))
     return parts

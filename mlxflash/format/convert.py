@@ -34,7 +34,16 @@ from ..arch.registry import (
 )
 from ..errors import ConvertError
 from . import gguf, gguf_tokenizer
-from .bundle import BundleWriter, FFNSpec, RecordLayout, SelectorRecord, dtype_name, record_parts, to_numpy_bytes
+from .bundle import (
+    BundleWriter,
+    FFNSpec,
+    RecordLayout,
+    SelectorRecord,
+    down_rows,
+    dtype_name,
+    record_parts,
+    to_numpy_bytes,
+)
 from .moe import MoEArch, expert_tensors, moe_arch, write_moe_bundle
 from .quant import quant_params, transpose_packed
 
@@ -247,19 +256,47 @@ def ffn_width(config: dict) -> int:
     return config.get("intermediate_size") or config["ffn_dim"]
 
 
-def _record_parts(t: dict, q: dict | None) -> tuple[dict[str, np.ndarray], tuple | None]:
-    """Per-neuron record fields, and the down projection's group scales/biases (resident)."""
+DOWN_ROWS_MIN_BITS = 8  # re-quantized per neuron at this many bits at least: its rounding stays below the source's
+
+
+def down_layout(q: dict | None, hidden_size: int, layout: str = "auto") -> dict | None:
+    """The FFN quantization with the down projection's layout decided: "rows" (per neuron, along d; "auto"
+    takes it where the source's down has 8 bits or more, so nothing grows) or "groups" (as the source)."""
+    if layout not in ("auto", "rows", "groups"):
+        raise ConvertError(f"--down-layout {layout!r}: expected auto, rows or groups")
+    if not q or layout == "groups":
+        return q
+    down = q["down"]
+    g = down["group_size"]
+    if hidden_size % g or (layout == "auto" and down["bits"] < DOWN_ROWS_MIN_BITS):
+        return q
+    return {**q, "down": {"bits": max(down["bits"], DOWN_ROWS_MIN_BITS), "group_size": g, "layout": "rows"}}
+
+
+def _record_parts(t: dict, q: dict | None, source_q: dict | None = None) -> tuple[dict[str, np.ndarray], tuple | None]:
+    """Per-neuron record fields, and the down projection's group scales/biases (resident; None in the
+    rows layout, where each record carries its own)."""
     parts = {}
     for key, m in (("gate", "gate_proj"), ("up", "up_proj")):
         for suffix, a in zip(("weight", "scales", "biases"), t.get(m, ())):
             parts[f"{key}.{suffix}"] = a
     down = t["down_proj"]
-    if q:
+    groups = down[1:] if q else None
+    if down_rows(q):  # (d, n) grouped along n -> float32 -> each neuron's column quantized along d
+        src = source_q["down"]
+        f32 = lambda a: a.astype(mx.float32)  # noqa: E731  (float16 scales would round codes * scale)
+        dense = mx.dequantize(down[0], f32(down[1]), f32(down[2]), group_size=src["group_size"], bits=src["bits"])
+        w, scales, biases = mx.quantize(dense.T, q["down"]["group_size"], q["down"]["bits"])
+        parts.update(
+            {"down.weight": w, "down.scales": scales.astype(down[1].dtype), "down.biases": biases.astype(down[1].dtype)}
+        )
+        groups = None
+    elif q:
         parts["down.weight"] = transpose_packed(down[0], q["down"]["bits"])  # (n, d*bits/32)
     else:
         parts["down.weight"] = down[0].T  # (n, d): column i is neuron i's output weights
     mx.eval(parts)
-    return {k: to_numpy_bytes(v) for k, v in parts.items()}, (down[1:] if q else None)
+    return {k: to_numpy_bytes(v) for k, v in parts.items()}, groups
 
 
 def write_bundle(
@@ -270,8 +307,10 @@ def write_bundle(
     selector: SelectorRecord | None = None,
     tokenizer_dir: Path | None = None,
     progress: bool = True,
+    layout: str = "auto",
 ) -> Path:
-    """Write a bundle from resident tensors (runtime names) and per-layer FFN tensors.
+    """Write a bundle from resident tensors (runtime names) and per-layer FFN tensors (`layout`: the
+    quantized down projection's, `down_layout`).
 
     Each layer is {"gate_proj": (w,), "up_proj": (w,), "down_proj": (w,)} in nn.Linear's convention
     (gate/up (ffn, d), down (d, ffn)), or (w, scales, biases) when quantized; no "gate_proj" for a
@@ -281,7 +320,8 @@ def write_bundle(
     resident = dict(resident)
     layers = iter(ffn_layers)
     first = next(layers)
-    q = _ffn_quantization(config, first)
+    source_q = _ffn_quantization(config, first)
+    q = down_layout(source_q, config["hidden_size"], layout)
     gated = "gate_proj" in first
     scale_or_weight = first["up_proj"][1 if q else 0]
     spec = FFNSpec(
@@ -298,11 +338,11 @@ def write_bundle(
     with BundleWriter(out, spec) as writer:
         bar = tqdm(total=total, desc="repack", unit="layer", disable=not progress)
         for layer, t in enumerate(itertools.chain([first], layers)):
-            if _ffn_quantization(config, t) != q:
+            if _ffn_quantization(config, t) != source_q:
                 raise ConvertError(
                     f"layer {layer}: FFN quantization differs from layer 0's; mixed FFN quantization is not supported"
                 )
-            parts, down_groups = _record_parts(t, q)
+            parts, down_groups = _record_parts(t, q, source_q)
             writer.add_layer(parts)
             for bias in ("up_bias", "down_bias"):  # small: resident, and records stay page-sized
                 if bias in t:
@@ -324,8 +364,10 @@ def convert(
     group_size: int = 64,
     dtype: str | None = None,
     progress: bool = True,
+    layout: str = "auto",
 ) -> Path:
-    """Convert `source` into a flash bundle at `out` (written to a temporary directory, then renamed)."""
+    """Convert `source` into a flash bundle at `out` (written to a temporary directory, then renamed).
+    `layout`: where a quantized down projection's scales live (`down_layout`: auto, rows or groups)."""
     source, out = Path(source), Path(out)
     if out.exists():
         raise ConvertError(f"{out}: already exists; choose another output path or remove it first")
@@ -333,18 +375,19 @@ def convert(
         raise ConvertError(f"--bits {bits}: expected one of 2, 3, 4, 5, 6, 8")
     if group_size not in (32, 64, 128):
         raise ConvertError(f"--group-size {group_size}: expected 32, 64 or 128")
+    down_layout(None, 0, layout)  # an unknown layout is refused before any work
     cast = getattr(mx, dtype) if dtype else None
     if dtype and dtype not in ("float16", "bfloat16", "float32"):
         raise ConvertError(f"--dtype {dtype}: expected float16, bfloat16 or float32")
     workdir = Path(tempfile.mkdtemp(prefix="mlxflash-convert-"))
     try:
         src = open_source(source, workdir, bits, dtype)
-        return _convert(src, out, None if src.bits_applied else bits, group_size, cast, progress)
+        return _convert(src, out, None if src.bits_applied else bits, group_size, cast, progress, layout)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
+def _convert(src: Source, out: Path, bits, group_size, cast, progress, layout: str = "auto") -> Path:
     config = {k: v for k, v in src.config.items() if k != "quantization_config"}
     arch = _check_architecture(config, src.path)
     ffn_activation(config.get("text_config", {}) if arch.text_model else config, src.path)  # refused first
@@ -370,7 +413,7 @@ def _convert(src: Source, out: Path, bits, group_size, cast, progress) -> Path:
         resident = _quantize_resident(model, resident, qcfg)
     layers = range(config["num_hidden_layers"])
     ffn = (_ffn_tensors(weights, arch, config, i, qcfg, bits is not None, cast) for i in layers)
-    return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress)
+    return write_bundle(out, config, resident, ffn, tokenizer_dir=src.tokenizer_dir, progress=progress, layout=layout)
 
 
 def _convert_moe(src: Source, out: Path, model, arch: MoEArch, config, weights, bits, group_size, cast) -> Path:
@@ -403,7 +446,18 @@ def read_ffn_layer(bundle, layer: int) -> dict[str, tuple]:
     if prefix + "up_bias" in resident:
         out["up_bias"] = resident[prefix + "up_bias"]
     q = spec.quantization
-    if q:
+    if down_rows(q):  # back to (d, n) grouped along n, as mlx-lm's down_proj holds it (re-quantized)
+        d = q["down"]
+        dense = mx.dequantize(
+            field["down.weight"],
+            field["down.scales"].astype(mx.float32),
+            field["down.biases"].astype(mx.float32),
+            group_size=d["group_size"],
+            bits=d["bits"],
+        )
+        w, scales, biases = mx.quantize(dense.T, d["group_size"], d["bits"])
+        out["down_proj"] = (w, scales.astype(field["down.scales"].dtype), biases.astype(field["down.scales"].dtype))
+    elif q:
         down = transpose_packed(field["down.weight"], q["down"]["bits"])
         out["down_proj"] = (down, resident[prefix + "down_scales"], resident[prefix + "down_biases"])
     else:

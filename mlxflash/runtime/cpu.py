@@ -150,6 +150,16 @@ def quantized_matmul(
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
+def quantized_matmul_rows(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> mx.array:
+    """x (..., m) @ dequantize(w) (m, d), w quantized along d: mx.quantized_matmul(..., transpose=False).
+    Prompts on the CPU dequantize the (bounded) rows once and multiply with BLAS, as above."""
+    if x.size // x.shape[-1] < MANY_ROWS or not on_cpu():
+        return mx.quantized_matmul(x, w, scales, biases, transpose=False, group_size=group_size, bits=bits)
+    return x @ f32_dequantize(w, scales, biases, group_size, bits, x.dtype)
+
+
 class PromptQuantizedLinear(nn.QuantizedLinear):
     """mlx-lm's QuantizedLinear, with prompts (many rows) routed through `quantized_matmul` above."""
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from ..arch.activations import ACTIVATIONS
 from ..errors import BundleError
-from ..format.bundle import FFNSpec
+from ..format.bundle import FFNSpec, down_rows
 from ..format.quant import transpose_packed, unpack_codes
 from .cache import NeuronCache, cached_masks, timed_update
-from .cpu import quantized_matmul
+from .cpu import quantized_matmul, quantized_matmul_rows
 from .dtypes import cast_floats, compute_dtype
 from .reader import FlashReader
 from .stats import RuntimeStats
@@ -48,7 +48,8 @@ class FFN(nn.Module):
         self._act = ACTIVATIONS[spec.activation]
         n, d = spec.layers[layer].neurons, spec.hidden_size
         self.compute_dtype = dtype = compute_dtype(spec.dtype)
-        if spec.quantization:
+        self._rows = down_rows(spec.quantization)  # down columns quantized per neuron: scales in the records
+        if spec.quantization and not self._rows:
             groups = n // spec.quantization["down"]["group_size"]
             stored = getattr(mx, spec.dtype)  # as the bundle stores them (runtime/dtypes.py)
             self.down_scales = mx.zeros((d, groups), dtype=stored)
@@ -61,7 +62,7 @@ class FFN(nn.Module):
         """All of a layer's records, in neuron order -> the weights `dense` multiplies with."""
         layout, q = self._spec.record, self._spec.quantization
         w = cast_floats({name: layout.view(records, name) for name in layout.names()}, self.compute_dtype)
-        if q:
+        if q and not self._rows:
             w["down.weight"] = transpose_packed(w["down.weight"], q["down"]["bits"])
         return w
 
@@ -123,15 +124,26 @@ class FFN(nn.Module):
         q = self._spec.quantization
         if not q:
             return h @ w["down.weight"]
+        if self._rows:
+            return self._down_rows(h, w)
         g = q["down"]["group_size"]
         lo, hi = first // g, (first + h.shape[-1]) // g
         return _qmm(h, w["down.weight"], self.down_scales[:, lo:hi], self.down_biases[:, lo:hi], q["down"])
+
+    def _down_rows(self, h: mx.array, w: dict[str, mx.array]) -> mx.array:
+        """h (..., m) @ the m neurons' down rows (m, d), quantized along d: (..., d)."""
+        q = self._spec.quantization["down"]
+        return quantized_matmul_rows(
+            h, w["down.weight"], w["down.scales"], w["down.biases"], q["group_size"], q["bits"]
+        )
 
     def sparse(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
         """x: (..., d) through the neurons `ids` whose record fields are `w` ({name: (n, count)}), in any order."""
         q = self._spec.quantization
         w = cast_floats(w, self.compute_dtype)  # the selected rows only (weights, or group scales)
         h = self._hidden(x, w, self.up_bias[ids] if "up_bias" in self else None)  # (..., n)
+        if self._rows:  # one quantized product over the cached rows, in any order
+            return self._output(self._down_rows(h, w))
         if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
             group = ids // q["down"]["group_size"]
             codes = unpack_codes(w["down.weight"], q["down"]["bits"]).astype(h.dtype)  # (n, d)

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..format.bundle import Bundle, BundleWriter
+from ..format.bundle import Bundle, BundleWriter, down_rows
 from .cache import CacheIndex, runs
 from .reader import DIRECT_ALIGN
 from .traces import Trace
@@ -28,8 +28,10 @@ GROUP_KEYS = ("down_scales", "down_biases")  # (d, groups): indexed by down grou
 
 
 def group_size(bundle: Bundle) -> int:
+    """Neurons that move together: a grouped quantized down shares scales over its groups; float
+    bundles and the rows layout move neuron by neuron."""
     q = bundle.spec.quantization
-    return q["down"]["group_size"] if q else 1
+    return q["down"]["group_size"] if q and not down_rows(q) else 1
 
 
 def frequency_order(trace: Trace, layer: int, width: int, group: int = 1) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxflash.format.bundle import Bundle
+from mlxflash.format.bundle import Bundle, down_rows
 from mlxflash.runtime.planner import model_bytes, parse_memory
 
 
@@ -57,6 +57,6 @@ def hybrid_keep(bundle: Bundle, budget: Budget) -> list[int]:
     """Per layer, the first neurons the FFN allowance holds resident (whole quantization groups)."""
     R = bundle.spec.record.nbytes
     q = bundle.spec.quantization
-    g = q["down"]["group_size"] if q else 1
+    g = q["down"]["group_size"] if q and not down_rows(q) else 1
     k = int(budget.ffn_allowance // R) // g * g
     return [min(k, b.neurons) for b in bundle.spec.layers]

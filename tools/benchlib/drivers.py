@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxflash.format.bundle import Bundle
+from mlxflash.format.bundle import Bundle, down_rows
 from mlxflash.format.quant import transpose_packed
 from mlxflash.runtime import costmodel
 from mlxflash.runtime.ffn import FFN
@@ -56,7 +56,7 @@ def layer_ffns(bundle: Bundle, resident: dict[str, mx.array]) -> list[FFN]:
 def field_weights(bundle: Bundle, fields: dict[str, mx.array]) -> dict[str, mx.array]:
     """Contiguous field matrices {name: (m, count)} -> FFN weights (a quantized down is transposed back)."""
     q = bundle.spec.quantization
-    if not q:
+    if not q or down_rows(q):
         return fields
     return {**fields, "down.weight": transpose_packed(fields["down.weight"], q["down"]["bits"])}
 
