@@ -30,7 +30,9 @@ def bundles(sources, tmp_path_factory):
         "float": mlxflash.convert(sources["hf"], root / "float", progress=False),
         "q4": mlxflash.convert(sources["hf"], root / "q4", bits=4, group_size=32, progress=False),
         "q8": mlxflash.convert(sources["hf"], root / "q8", bits=8, group_size=64, progress=False),  # down: rows
-        "q8-groups": mlxflash.convert(sources["hf"], root / "q8g", bits=8, group_size=64, progress=False, layout="groups"),
+        "q8-groups": mlxflash.convert(
+            sources["hf"], root / "q8g", bits=8, group_size=64, progress=False, layout="groups"
+        ),
         "f16": mlxflash.convert(sources["hf"], root / "f16", dtype="float16", progress=False),
         "gguf": mlxflash.convert(sources["gguf"], root / "gguf", progress=False),
     }
@@ -126,7 +128,8 @@ def test_naive_equals_resident_tiny(bundles, name):
 
 
 @pytest.mark.parametrize(
-    "name, quant, tol", [("float", None, 1e-5), ("q4", (32, 4), 1e-5), ("q8-groups", (64, 8), 1e-5), ("q8", (64, 8), 3e-2)]
+    "name, quant, tol",
+    [("float", None, 1e-5), ("q4", (32, 4), 1e-5), ("q8-groups", (64, 8), 1e-5), ("q8", (64, 8), 3e-2)],
 )
 def test_resident_matches_mlx_lm_tiny(sources, bundles, name, quant, tol):
     """The same weights give mlx-lm's logits; the rows layout's second 8-bit rounding moves them by at most

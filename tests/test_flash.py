@@ -121,7 +121,12 @@ def _gate_selector(path, quantile=0.6):
 
 @pytest.mark.parametrize(
     "window, retain, rows, name",
-    [(1, False, None, "llama-q4"), (3, False, None, "llama-q4"), (2, True, 48, "llama-q4"), (2, False, 48, "llama-rows")],
+    [
+        (1, False, None, "llama-q4"),
+        (3, False, None, "llama-q4"),
+        (2, True, 48, "llama-q4"),
+        (2, False, 48, "llama-rows"),
+    ],
 )
 def test_masked_prompt_equals_token_by_token_flash(bundles, window, retain, rows, name):
     """Evaluation runs whole sequences with per-token masks; that must equal real flash decoding (also with a

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import make_synthetic  # noqa: E402
 
-from mlxflash.format.bundle import Bundle  # noqa: E402
+from mlxflash.format.bundle import Bundle, RecordLayout  # noqa: E402
 from mlxflash.loader import load  # noqa: E402
 from mlxflash.runtime import reorder, traces  # noqa: E402
 
@@ -91,3 +91,36 @@ def test_frequency_order_makes_fewer_longer_reads():
     assert after.bytes_used_per_token == before.bytes_used_per_token
     assert after.reads_per_token < before.reads_per_token
     assert after.transferred_over_used < before.transferred_over_used
+
+
+def test_page_stride_pads_only_where_it_is_cheap():
+    from mlxflash.format.bundle import page_stride
+
+    # the 1.5B's 3,648-byte records take a page; 1,008 a quarter; 1,080 would need half a page (+90%): kept
+    assert [page_stride(n) for n in (3648, 1008, 1080, 6912, 49152, 240)] == [4096, 1024, 1080, 6912, 49152, 256]
+
+
+def test_page_fitted_records_compute_the_same_and_move_fewer_bytes(tmp_path):
+    src = make_synthetic.make_synthetic(
+        "tiny-llama", tmp_path / "a", dtype="float32", bits=8, group_size=32, progress=False
+    )
+    fitted = Bundle.open(src).spec.record  # the converter fits pages: 240 bytes of fields in 256
+    assert fitted.nbytes == 256 and fitted.field_bytes == 240
+    perms = [np.arange(b.neurons) for b in Bundle.open(src).spec.layers]
+    plain = RecordLayout.build([(f.name, f.dtype, f.count) for f in fitted.fields])
+    src = reorder.reorder_bundle(Bundle.open(src), perms, tmp_path / "plain", {"method": "none"}, plain)
+    bundle = Bundle.open(src)
+    assert bundle.spec.record.nbytes == 240 and reorder.page_fitted(bundle.spec.record) == fitted
+    out = reorder.reorder_bundle(bundle, perms, tmp_path / "b", {"method": "none"}, fitted)
+    assert Bundle.open(out).spec.record.nbytes == fitted.nbytes
+    tokens = [3, 1, 4, 1, 5, 9]
+    dense = decode(src, tokens, mode="resident")
+    np.testing.assert_allclose(decode(out, tokens, mode="flash", selector="all"), dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decode(out, tokens, mode="naive"), dense, rtol=1e-5, atol=1e-5)
+    widths = [b.neurons for b in bundle.spec.layers]
+    trace = traces.generate_trace(widths, 30, seed=2)
+    kw = {"capacity": widths, "window": 1, "used_bytes": fitted.field_bytes}
+    plain = reorder.read_stats(trace, bundle.spec.record.nbytes, **kw)
+    padded = reorder.read_stats(trace, fitted.nbytes, **kw)
+    assert padded.bytes_used_per_token == plain.bytes_used_per_token
+    assert padded.transferred_over_used < plain.transferred_over_used

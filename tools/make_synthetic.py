@@ -378,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the FFN")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
-    p.add_argument("--down-layout", default="auto", choices=["auto", "rows", "groups"], help="quantized down projection")
+    p.add_argument(
+        "--down-layout", default="auto", choices=["auto", "rows", "groups"], help="quantized down projection"
+    )
     p.add_argument("--rank", type=int, default=128, help="predictor rank (0: no predictors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int)
@@ -397,7 +399,17 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             s[key] = value
     shape = args.shape if s == SHAPES[args.shape] else s
-    path = make_synthetic(shape, args.out, args.layers, args.dtype, args.bits, args.group_size, args.rank, args.seed, layout=args.down_layout)
+    path = make_synthetic(
+        shape,
+        args.out,
+        args.layers,
+        args.dtype,
+        args.bits,
+        args.group_size,
+        args.rank,
+        args.seed,
+        layout=args.down_layout,
+    )
     print(path)
     return 0
 

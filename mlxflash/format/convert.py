@@ -331,7 +331,9 @@ def write_bundle(
         activation=ffn_activation(config),
         dtype=dtype_name(scale_or_weight.dtype),
         quantization=q,
-        record=RecordLayout.build(record_parts(config["hidden_size"], gated, dtype_name(scale_or_weight.dtype), q)),
+        record=RecordLayout.build(
+            record_parts(config["hidden_size"], gated, dtype_name(scale_or_weight.dtype), q), page_fit=True
+        ),
         selector=selector,
     )
     total = config["num_hidden_layers"]

@@ -303,6 +303,7 @@ def _size_flash(bundle: Bundle, budget: Budget, selector: Selector, window: int 
     spec = bundle.spec
     n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
     slice_bytes, staging = prompt_chunk_rows(spec) * R, staging_bytes(n, R)  # no read is larger than these
+    R = spec.record.field_bytes  # a cached record: its fields (a page-fitted record's padding stays on disk)
     prompt_buffer = slice_bytes + staging + reader.scratch_bytes(max(slice_bytes, staging))  # all the I/O buffers
     plan = Plan(
         "flash",

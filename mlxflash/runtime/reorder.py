@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..format.bundle import Bundle, BundleWriter, down_rows
+from ..format.bundle import Bundle, BundleWriter, RecordLayout, down_rows
 from .cache import CacheIndex, runs
 from .reader import DIRECT_ALIGN
 from .traces import Trace
@@ -56,9 +56,21 @@ def permute_trace(trace: Trace, perms: list[np.ndarray]) -> Trace:
     return Trace(list(trace.widths), [p.copy() for p in trace.indptr], ids, dict(trace.meta)).validated()
 
 
-def reorder_bundle(bundle: Bundle, perms: list[np.ndarray], out: str | Path, how: dict) -> Path:
-    """Write a copy of `bundle` at `out` with layer l's neurons in the order perms[l] (perm[new] = old)."""
+def page_fitted(layout: RecordLayout) -> RecordLayout:
+    """The same fields in a record padded to fit direct-I/O pages (bundle.page_stride)."""
+    return RecordLayout.build([(f.name, f.dtype, f.count) for f in layout.fields], page_fit=True)
+
+
+def reorder_bundle(
+    bundle: Bundle, perms: list[np.ndarray], out: str | Path, how: dict, record: RecordLayout | None = None
+) -> Path:
+    """Write a copy of `bundle` at `out` with layer l's neurons in the order perms[l] (perm[new] = old),
+    its records laid out as `record` (the same fields, e.g. `page_fitted`; default: as they are)."""
     spec, g = bundle.spec, group_size(bundle)
+    if record is not None and [(f.name, f.dtype, f.count) for f in record.fields] != [
+        (f.name, f.dtype, f.count) for f in spec.record.fields
+    ]:
+        raise ValueError("the new record layout must hold the same fields")
     for layer, perm in enumerate(perms):
         n = spec.layers[layer].neurons
         if sorted(perm.tolist()) != list(range(n)):
@@ -66,7 +78,7 @@ def reorder_bundle(bundle: Bundle, perms: list[np.ndarray], out: str | Path, how
         if g > 1 and np.any(perm.reshape(-1, g) != perm.reshape(-1, g)[:, :1] + np.arange(g)):
             raise ValueError(f"layer {layer}: a quantized bundle moves whole groups of {g} neurons")
     R = spec.record.nbytes
-    new_spec = replace(spec, layers=[], files={})
+    new_spec = replace(spec, layers=[], files={}, record=record or spec.record)
     with BundleWriter(out, new_spec) as writer:
         for layer, perm in enumerate(perms):
             block = spec.layers[layer]
@@ -116,11 +128,19 @@ class ReadStats:
 
 
 def read_stats(
-    trace: Trace, record_bytes: int, capacity: list[int], window: int, gap: int = 0, skip: int = 2
+    trace: Trace,
+    record_bytes: int,
+    capacity: list[int],
+    window: int,
+    gap: int = 0,
+    skip: int = 2,
+    used_bytes: int | None = None,
 ) -> ReadStats:
     """Replay `trace` through each layer's cache bookkeeping (window, capacity): per token the missing
     records, their runs (adjacent, or within `gap` records) and each run's page-aligned extent, as the
-    direct reader moves it. The first `skip` tokens (the cache filling) are left out."""
+    direct reader moves it (records `record_bytes` apart on disk, `used_bytes` of fields each: default
+    the same). The first `skip` tokens (the cache filling) are left out."""
+    used_bytes = used_bytes or record_bytes
     reads = used = moved = 0
     tokens = trace.num_tokens - skip
     for layer, width in enumerate(trace.widths):
@@ -133,5 +153,5 @@ def read_stats(
                 start, end = int(missing[lo]) * record_bytes, (int(missing[hi - 1]) + 1) * record_bytes
                 moved += -(-end // DIRECT_ALIGN) * DIRECT_ALIGN - start // DIRECT_ALIGN * DIRECT_ALIGN
                 reads += 1
-            used += len(missing) * record_bytes
+            used += len(missing) * used_bytes
     return ReadStats(reads / tokens, used / tokens, moved / tokens)
