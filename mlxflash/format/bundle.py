@@ -208,7 +208,13 @@ class FFNSpec:
 
     @property
     def ffn_bytes(self) -> int:
+        """ffn.bin's records on disk (page padding included): what naive mode reads."""
         return sum(self.block_bytes(i) for i in range(len(self.layers)))
+
+    @property
+    def ffn_weight_bytes(self) -> int:
+        """The FFN's weights: the records' fields, without page padding (what DRAM holds of them)."""
+        return sum(b.neurons for b in self.layers) * self.record.field_bytes
 
     def to_json(self) -> dict:
         return {
@@ -335,8 +341,8 @@ class Bundle:
 
     @property
     def weights_bytes(self) -> int:
-        """The model's own weights: resident.safetensors without the predictors, plus the FFN."""
-        return self.resident_bytes - self.predictor_bytes + self.spec.ffn_bytes
+        """The model's own weights: resident.safetensors without the predictors, plus the FFN's fields."""
+        return self.resident_bytes - self.predictor_bytes + self.spec.ffn_weight_bytes
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:

@@ -157,7 +157,8 @@ class ResidentFFN(FFN):
     """The whole FFN in memory: the reference every other mode is checked against."""
 
     def set_records(self, records: mx.array) -> None:
-        self._w = self.dense_weights(records)
+        """Copies of the fields (contiguous, no padding): the records' buffer is not kept."""
+        self._w = {k: mx.contiguous(v) for k, v in self.dense_weights(records).items()}
         mx.eval(self._w)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -208,7 +208,7 @@ def load_model(
     _load_resident(model, bundle, {k: v for k, v in weights.items() if ".mlp.predictor." not in k})
     if mode == "resident":
         _load_all_records(bundle, reader, model)
-        runtime.resident_bytes += spec.ffn_bytes
+        runtime.resident_bytes += spec.ffn_weight_bytes
     elif mode == "flash":
         runtime.resident_bytes += plan.selector_bytes + plan.prompt_buffer_bytes + plan.cache_bytes
     model.eval()
@@ -254,8 +254,14 @@ def read_all_records(bundle: Bundle, reader: FlashReader) -> list[mx.array]:
 
 
 def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> None:
-    for records, block in zip(read_all_records(bundle, reader), _layers(model)):
-        block.mlp.set_records(records)
+    """Layer by layer: a block's records are read, split into contiguous field matrices (padding
+    dropped) and freed, so loading holds one block beside the weights."""
+    spec = bundle.spec
+    for i, block in enumerate(_layers(model)):
+        buf, view = aligned_buffer(spec.block_bytes(i))
+        reader.read([(spec.layers[i].offset, view)])
+        block.mlp.set_records(buf.reshape(spec.layers[i].neurons, spec.record.nbytes))
+        del buf, view
 
 
 def record_parts_spans(spec) -> list[tuple[int, int]]:

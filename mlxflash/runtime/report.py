@@ -26,7 +26,7 @@ def _placement(rt) -> str:
     dense, ffn = rt.plan.resident_bytes, rt.ffn_bytes  # resident weights, predictors aside
     where = f"  in memory: {_mb(dense)} embeddings, attention, norms, LM head"
     if rt.mode == "resident":
-        return f"{where} + {_mb(ffn)} FFN; streams: nothing"
+        return f"{where} + {_mb(rt.bundle.spec.ffn_weight_bytes)} FFN; streams: nothing"
     return f"{where}; streams: the whole FFN, {_mb(ffn)} from {rt.bundle.ffn_path.name}, every layer at every token"
 
 

@@ -41,10 +41,10 @@ def resolve_budget(bundle: Bundle, memory: str) -> Budget:
     weights = bundle.resident_weights()  # lazy: only shapes are read
     layers = bundle.num_layers
     in_layers = sum(v.nbytes for k, v in weights.items() if k.startswith("model.layers.") and ".predictor." not in k)
-    resident = model_bytes(bundle) - bundle.spec.ffn_bytes  # the planner's model size, predictors excluded
+    resident = model_bytes(bundle) - bundle.spec.ffn_weight_bytes  # the planner's model size, predictors excluded
     fixed = resident - in_layers
     full = max(layers, int(bundle.config.get("synthetic", {}).get("full_layers", layers)))
-    per_res, per_ffn = in_layers / layers, bundle.spec.ffn_bytes / layers
+    per_res, per_ffn = in_layers / layers, bundle.spec.ffn_weight_bytes / layers
     once = max(bundle.spec.block_bytes(i) for i in range(layers))
     model_full = fixed + full * (per_res + per_ffn)
     budget_full = float(parse_memory(memory, int(model_full)))

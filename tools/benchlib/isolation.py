@@ -69,20 +69,23 @@ def disk_read_bytes() -> int | None:
     return None
 
 
-def run_child(command: Sequence[str], mode: str, ffn_path: Path, cap_bytes: int | None) -> ModeResult:
-    """Run one mode's measurement in a fresh process (under a memory cap of `cap_bytes` if given)."""
+def run_child(
+    command: Sequence[str], mode: str, ffn_path: Path, cap_bytes: int | None, result=ModeResult, tag: str = RESULT_TAG
+):
+    """Run one mode's measurement in a fresh process (under a memory cap of `cap_bytes` if given); its
+    `result` dataclass is read from the line behind `tag`."""
     evict(ffn_path)
     procs, how = None, ""
     if cap_bytes is not None:
         procs, how = cgroup_cap(cap_bytes)
         if procs is None:
-            return ModeResult(mode, skipped=how)
+            return result(mode, skipped=how)
     try:
         preexec = (lambda: procs.write_text(str(os.getpid()))) if procs else None
         p = subprocess.run(list(command), capture_output=True, text=True, preexec_fn=preexec)
     finally:
         remove_cgroup(procs)
-    return parse_child(mode, p, how)
+    return parse_child(mode, p, how, result, tag)
 
 
 def report_to_parent(r: ModeResult) -> None:
