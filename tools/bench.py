@@ -4,6 +4,7 @@
     python tools/bench.py BUNDLE --memory 50% [--modes naive,hybrid,mmap,flash,...] [--rounds 3]
                           [--tokens 5] [--warmup 2] [--trace paper|FILE] [--curve PROBE.json]
                           [--json PATH] [--plot PATH]
+    python tools/bench.py BUNDLE --decode --memory 65%   (a real model end to end: tools/bench_decode.py)
 
 What is measured. Each mode runs in its own process (so DRAM and peak RSS are its own), once per
 round, the modes interleaved round after round (a burst of load on the shared machine hits one sample
@@ -46,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_decode  # noqa: E402  (--decode: a real model end to end, time to first token and ms/token)
 import bench_moe  # noqa: E402  (mixture-of-experts bundles: naive, mmap and flash with the expert cache)
 from benchlib import isolation, report  # noqa: E402
 from benchlib.budget import Budget, resolve_budget  # noqa: E402
@@ -144,6 +146,8 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--decode" in (sys.argv[1:] if argv is None else argv):
+        return bench_decode.main(argv)
     if any(is_moe_bundle(a) for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")):
         return bench_moe.main(argv)
     args = parse_args(argv)
