@@ -20,6 +20,7 @@ from tiny import _GGUF_NAMES, llama_gguf_writer
 import mlxflash
 from mlxflash.errors import ConvertError
 from mlxflash.format import gguf_blocks as quants
+from mlxflash.format.bundle import Bundle
 from mlxflash.format.convert import open_source
 
 EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q8_K]
@@ -230,8 +231,11 @@ def _logits(model) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", EXACT + REQUANT + FLOATS, ids=lambda t: t.name)
 def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsys, bits=None):
+    """The reading itself, in the layout that keeps the source's groups (the rows layout re-quantizes)."""
     written = write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
-    bundle = mlxflash.convert(tmp_path / "tiny.gguf", tmp_path / "bundle", bits=bits, dtype="float32", progress=False)
+    bundle = mlxflash.convert(
+        tmp_path / "tiny.gguf", tmp_path / "bundle", bits=bits, dtype="float32", progress=False, layout="groups"
+    )
     report = capsys.readouterr().out
     model, _ = mlxflash.load(bundle, mode="resident")
     got = _logits(model)
@@ -247,6 +251,19 @@ def test_tiny_gguf_resident_matches_dequantized_reference(tmp_path, qtype, capsy
         assert err < 1e-4, f"{qtype.name}: max |logit diff| {err:.2e}"
         assert f"requantized to {bits}-bit" in line, line
     print(f"{qtype.name}: max |logit - reference| {err:.2e}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+def test_rows_layout_stays_close_to_the_gguf(tmp_path, qtype):
+    """8-bit downs get the rows layout by default: one more 8-bit rounding, a small logit change."""
+    written = write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
+    bundle = mlxflash.convert(tmp_path / "tiny.gguf", tmp_path / "bundle", dtype="float32", progress=False)
+    assert Bundle.open(bundle).spec.quantization["down"]["layout"] == "rows"
+    model, _ = mlxflash.load(bundle, mode="resident")
+    reference = _logits(reference_model(written, requant_bits=8 if qtype == T.Q6_K else None))
+    err = float(np.abs(_logits(model) - reference).max())
+    model.flash.close()
+    assert 0 < err < 5e-2, f"{qtype.name}: max |logit diff| {err:.2e}"  # measured 2.1e-2 (Q8_0), 5.8e-3 (Q6_K)
 
 
 @pytest.mark.parametrize("qtype, bits", [(T.Q6_K, 6), (T.Q3_K, 3)], ids=["Q6_K-6bit", "Q3_K-3bit"])

@@ -12,6 +12,7 @@ covers the prompt and the first token; decode figures are per token after it.
 Modes:
   flash     the runtime at --memory: the bundle's selector at the operating point the planner picks
             (printed: selector, density, window), the neuron cache, coalesced direct reads.
+  flash-auto  flash reading through gaps of the cost model's size (fewer, larger reads; more bytes).
   naive     the runtime's naive mode: every layer's whole FFN block read at every token.
   hybrid    the runtime's model whose FFNs keep the first neurons the budget allows resident and stream
             the rest at every token (tools/benchlib's hybrid driver in place of each MLP).
@@ -51,7 +52,7 @@ from mlxflash.errors import UsageError  # noqa: E402
 from mlxflash.format.bundle import Bundle, dtype_name  # noqa: E402
 from mlxflash.runtime.dtypes import compute_dtype  # noqa: E402
 
-MODES = ("flash", "naive", "hybrid", "mmap", "resident", "mlx-lm")
+MODES = ("flash", "flash-auto", "naive", "hybrid", "mmap", "resident", "mlx-lm")
 TAG = "DECODE-RESULT "
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -113,9 +114,11 @@ def runtime_mode(mode: str, args, budget: Budget) -> tuple[DecodeResult, object]
 
     import mlxflash
 
-    runtime_mode_ = "naive" if mode in ("hybrid", "mmap") else mode
-    memory = int(budget.budget) if mode == "flash" else None
-    model, tokenizer = mlxflash.load(args.bundle, mode=runtime_mode_, memory=memory, verify=False)
+    flash = mode.startswith("flash")
+    runtime_mode_ = "naive" if mode in ("hybrid", "mmap") else "flash" if flash else mode
+    memory = int(budget.budget) if flash else None
+    gap = {"gap": "auto"} if mode == "flash-auto" else {"gap": int(args.gap)} if flash and args.gap else {}
+    model, tokenizer = mlxflash.load(args.bundle, mode=runtime_mode_, memory=memory, verify=False, **gap)
     runtime = model.flash
     r = DecodeResult(mode)
     clock = Clock()
@@ -130,41 +133,50 @@ def runtime_mode(mode: str, args, budget: Budget) -> tuple[DecodeResult, object]
             driver = MmapDriver(bundle, params)
         for i, block in enumerate(model.model.layers):
             block.mlp = DriverMLP(driver, i, clock)
-        r.dram_bytes = bundle.resident_bytes + driver.dram_ffn
+        r.dram_bytes = bundle.resident_bytes - bundle.predictor_bytes + driver.dram_ffn
     else:
-        r.dram_bytes = runtime.plan.planned_bytes if mode == "flash" else runtime.resident_bytes
-    if mode == "flash":
+        r.dram_bytes = runtime.plan.planned_bytes if flash else runtime.resident_bytes
+    if flash:
         p = runtime.plan
-        r.operating_point = f"{p.selector}, density {p.density:.2f}, window {runtime.options.window}"
+        r.operating_point = (
+            f"{p.selector}, density {p.density:.2f}, window {runtime.options.window}, gap {runtime.options.gap}"
+        )
     ids = prompt_ids(tokenizer, args.text, args.prompt_tokens)
-    disk0 = isolation.disk_read_bytes()
     stream = mlxflash.stream_generate(model, tokenizer, ids, max_tokens=args.tokens + 1, temp=0.0)
     last = {}
 
-    def keep_last(s):
+    def keep_last(s):  # the last stats, and the driver's clock and the disk at the first token (decode starts)
         for resp in s:
             last["stats"] = resp.stats
+            if "clock" not in last:
+                last["clock"], last["disk"] = (clock.bytes, clock.io), isolation.disk_read_bytes()
             yield resp
 
     r.ttft_s, steps, r.tokens = time_stream(keep_last(stream))
     disk1 = isolation.disk_read_bytes()
     _per_token(r, steps)
     st = last["stats"]  # the runtime's per-token figures over the decode steps (TokenStats.as_dict)
-    if mode in ("hybrid", "mmap"):  # the driver's clock spans prompt and decode: bytes per token over both
-        n = args.prompt_tokens + len(steps) + 1
-        r.bytes_read_per_token = r.transferred_per_token = clock.bytes / n
-        if mode == "mmap" and disk0 is not None and disk1 is not None:
+    if mode in ("hybrid", "mmap"):  # the driver's clock after the first token: decode only
+        n = max(1, len(steps))
+        (bytes0, io0), disk0 = last["clock"], last["disk"]
+        r.bytes_read_per_token = r.transferred_per_token = (clock.bytes - bytes0) / n
+        if mode == "mmap" and disk0 is not None and disk1 is not None:  # what the kernel read
             r.transferred_per_token = (disk1 - disk0) / n
-        r.io_ms_per_token = 1e3 * clock.io / n
-        r.note = "; ".join(x for x in (r.note, driver.io_note(), "bytes and I/O per token over prompt and decode") if x)
-    else:
+        r.io_ms_per_token = 1e3 * (clock.io - io0) / n
+        r.note = "; ".join(x for x in (r.note, driver.io_note()) if x)
+    elif flash:  # used: the new neurons' fields (reads through gaps and page padding are not)
+        r.bytes_read_per_token = st["new_neurons_per_token"] * runtime.bundle.spec.record.field_bytes
+        r.transferred_per_token = st["bytes_transferred_per_token"]
+        r.reads_per_token = st["reads_per_token"]
+        r.io_ms_per_token = st["io_ms_per_token"]
+        hit, density = st.get("cache_hit_rate", 0), st.get("selected_density", 0)
+        r.note = f"{runtime.reader.io_note}; cache hit rate {hit:.2f}, selected density {density:.2f}"
+    else:  # naive: whole blocks, page padding included (it is read)
         r.bytes_read_per_token = st["bytes_read_per_token"]
         r.transferred_per_token = st["bytes_transferred_per_token"]
         r.reads_per_token = st["reads_per_token"]
         r.io_ms_per_token = st["io_ms_per_token"]
         r.note = "; ".join(x for x in (r.note, runtime.reader.io_note) if x)
-        if mode == "flash":
-            r.note += f"; cache hit rate {st.get('cache_hit_rate', 0):.2f}, selected density {st.get('selected_density', 0):.2f}"
     runtime.close()
     return r, model
 
@@ -194,7 +206,7 @@ def mlx_lm_mode(args) -> DecodeResult:
         q = ffn_q[proj] if ".mlp." in path and ffn_q else quant_params(qcfg, path)
         return {"group_size": q["group_size"], "bits": q["bits"]}
 
-    if qcfg:  # the modules the bundle stores quantized, at their own bits (mlx-lm's loader does the same)
+    if quantized:  # the modules the bundle stores quantized, at their own bits (mlx-lm's loader does the same)
         nn.quantize(model, class_predicate=bits_of)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
@@ -266,7 +278,7 @@ def run_child(mode: str, args) -> DecodeResult:
 def child_command(mode: str, args) -> list[str]:
     cmd = [isolation.python(), __file__, str(args.bundle), "--memory", args.memory, "--child", mode]
     cmd += ["--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens), "--text", str(args.text)]
-    return cmd + ["--threads", str(args.threads)]
+    return cmd + ["--threads", str(args.threads)] + (["--gap", args.gap] if args.gap else [])
 
 
 def skip_reason(mode: str, budget: Budget) -> str | None:
@@ -333,6 +345,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--tokens", type=int, default=8, help="decode tokens after the first")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="the prompt's text (raw, no chat template)")
+    p.add_argument("--gap", help="flash: records read through between needed ones (flash-auto: the cost model's)")
     p.add_argument("--threads", type=int, default=8, help="reads in flight for hybrid (the runtime plans its own)")
     p.add_argument("--mmap-overhead", type=float, default=256 * 2**20, help="bytes added to the mmap cap")
     p.add_argument("--json", type=Path)
@@ -370,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             per_mode[mode].append(r)
             print(f"  {r.skipped or f'{r.decode_ms:.0f} ms/token, TTFT {r.ttft_s:.1f} s'}", file=sys.stderr, flush=True)
     results = [aggregate(rs) for rs in per_mode.values()]
-    flash = next((r for r in results if r.mode == "flash" and not r.skipped), None)
+    flash = next((r for r in results if r.mode.startswith("flash") and not r.skipped), None)
     print(
         f"# {bundle.path.name}: {args.memory} = {budget.budget / 1e6:.0f} MB of {budget.model_bytes / 1e6:.0f} MB; "
         f"prompt {args.prompt_tokens} tokens of {args.text.name}, then {args.tokens} greedy tokens; "

@@ -131,6 +131,11 @@ class ExpertSpec:
     def ffn_bytes(self) -> int:
         return sum(self.block_bytes(i) for i in range(len(self.layers)))
 
+    @property
+    def ffn_weight_bytes(self) -> int:
+        """What the model's size counts of the experts: their records, as a dense FFN counts its fields."""
+        return self.ffn_bytes
+
     def field_shape(self, name: str) -> tuple[int, int]:
         """The per-expert shape of a record field, as mlx-lm's SwitchLinear stores it (without E)."""
         rows = self.hidden_size if name.startswith("down.") else self.expert_size
