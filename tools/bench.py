@@ -154,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         isolation.report_to_parent(run_mode(args.child, args))
         return 0
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in DRIVERS]
-    if unknown:
-        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(DRIVERS)})")
+    modes = isolation.parse_modes(args.modes, DRIVERS)
     bundle = Bundle.open(args.bundle, verify=False)
     try:
         budget = resolve_budget(bundle, args.memory)

@@ -361,10 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(TAG + json.dumps(asdict(run_child(args.child, args))), flush=True)
         return 0
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    modes = isolation.parse_modes(args.modes, MODES)
     if not args.text.is_file():
         raise SystemExit(f"--text {args.text}: no such file")
     bundle = Bundle.open(args.bundle, verify=False)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, parse_child, remove_cgroup
+from benchlib.isolation import GB, cgroup_cap, disk_read_bytes, parse_child, parse_modes, remove_cgroup
 
 import mlxflash
 from mlxflash.format.moe import MoEBundle
@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(RESULT_TAG + json.dumps(asdict(run_mode(args.child, args))), flush=True)
         return 0
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in MODES for m in modes):
-        raise SystemExit(f"--modes: expected a comma list of {', '.join(MODES)}")
+    modes = parse_modes(args.modes, MODES)
     bundle = MoEBundle.open(args.bundle, verify=False)
     budget = resolve_budget(bundle, args.memory, args.threads)
     trace = load_trace(args.trace, bundle, max(STATS_TOKENS, args.warmup + args.tokens), args.seed)

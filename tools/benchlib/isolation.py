@@ -108,5 +108,14 @@ def parse_child(mode: str, p: subprocess.CompletedProcess, how: str, result=Mode
     return result(mode, skipped=why)
 
 
+def parse_modes(text: str, known) -> list[str]:
+    """A --modes comma list, every mode one of `known` (else SystemExit naming the unknown ones)."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in known]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    return modes
+
+
 def python() -> str:
     return sys.executable
