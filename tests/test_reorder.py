@@ -107,7 +107,7 @@ def test_page_fitted_records_compute_the_same_and_move_fewer_bytes(tmp_path):
     fitted = Bundle.open(src).spec.record  # the converter fits pages: 240 bytes of fields in 256
     assert fitted.nbytes == 256 and fitted.field_bytes == 240
     perms = [np.arange(b.neurons) for b in Bundle.open(src).spec.layers]
-    plain = RecordLayout.build([(f.name, f.dtype, f.count) for f in fitted.fields])
+    plain = RecordLayout.build(fitted.parts())
     src = reorder.reorder_bundle(Bundle.open(src), perms, tmp_path / "plain", {"method": "none"}, plain)
     bundle = Bundle.open(src)
     assert bundle.spec.record.nbytes == 240 and reorder.page_fitted(bundle.spec.record) == fitted

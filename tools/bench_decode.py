@@ -47,10 +47,12 @@ from benchlib import isolation  # noqa: E402
 from benchlib.budget import Budget, hybrid_keep, resolve_budget  # noqa: E402
 from benchlib.drivers import BaselineDriver, MmapDriver  # noqa: E402
 from benchlib.streams import Clock  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from mlxflash.errors import UsageError  # noqa: E402
 from mlxflash.format.bundle import Bundle, dtype_name  # noqa: E402
 from mlxflash.runtime.dtypes import compute_dtype  # noqa: E402
+from mlxflash.runtime.planner import resident_weights_bytes  # noqa: E402
 
 MODES = ("flash", "flash-auto", "naive", "hybrid", "mmap", "resident", "mlx-lm")
 TAG = "DECODE-RESULT "
@@ -108,10 +110,8 @@ class DriverMLP(nn.Module):
         return self._driver.layer(self._layer, x, self._clock)
 
 
-def runtime_mode(mode: str, args, budget: Budget) -> tuple[DecodeResult, object]:
+def runtime_mode(mode: str, args, budget: Budget) -> DecodeResult:
     """The runtime's model in `mode` (hybrid/mmap: naive's model with each MLP swapped for the driver)."""
-    from mlx.utils import tree_flatten
-
     import mlxflash
 
     flash = mode.startswith("flash")
@@ -133,7 +133,7 @@ def runtime_mode(mode: str, args, budget: Budget) -> tuple[DecodeResult, object]
             driver = MmapDriver(bundle, params)
         for i, block in enumerate(model.model.layers):
             block.mlp = DriverMLP(driver, i, clock)
-        r.dram_bytes = bundle.resident_bytes - bundle.predictor_bytes + driver.dram_ffn
+        r.dram_bytes = resident_weights_bytes(bundle) + driver.dram_ffn
     else:
         r.dram_bytes = runtime.plan.planned_bytes if flash else runtime.resident_bytes
     if flash:
@@ -178,7 +178,7 @@ def runtime_mode(mode: str, args, budget: Budget) -> tuple[DecodeResult, object]
         r.io_ms_per_token = st["io_ms_per_token"]
         r.note = "; ".join(x for x in (r.note, runtime.reader.io_note) if x)
     runtime.close()
-    return r, model
+    return r
 
 
 def mlx_lm_mode(args) -> DecodeResult:
@@ -214,7 +214,7 @@ def mlx_lm_mode(args) -> DecodeResult:
     eos = config.get("eos_token_id")
     tokenizer = load_tokenizer(bundle.path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     ids = prompt_ids(tokenizer, args.text, args.prompt_tokens)
-    r = DecodeResult("mlx-lm", dram_bytes=float(sum(v.nbytes for _, v in _flat(model))))
+    r = DecodeResult("mlx-lm", dram_bytes=float(sum(v.nbytes for _, v in tree_flatten(model.parameters()))))
     stream = stream_generate(model, tokenizer, ids, max_tokens=args.tokens + 1, prefill_step_size=512)
     r.ttft_s, steps, r.tokens = time_stream(stream)
     _per_token(r, steps)
@@ -243,12 +243,6 @@ def mlx_lm_weights(bundle: Bundle) -> dict[str, mx.array]:
     return weights
 
 
-def _flat(model: nn.Module):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
-
-
 def _version() -> str:
     import mlx_lm
 
@@ -265,7 +259,7 @@ def run_child(mode: str, args) -> DecodeResult:
     bundle = Bundle.open(args.bundle, verify=False)
     budget = resolve_budget(bundle, args.memory)
     try:
-        r = mlx_lm_mode(args) if mode == "mlx-lm" else runtime_mode(mode, args, budget)[0]
+        r = mlx_lm_mode(args) if mode == "mlx-lm" else runtime_mode(mode, args, budget)
     except UsageError as e:
         return DecodeResult(mode, skipped=str(e))
     r.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
@@ -309,7 +303,7 @@ def aggregate(rs: list[DecodeResult]) -> DecodeResult:
     return out
 
 
-def table(results: list[DecodeResult], budget: Budget) -> str:
+def table(results: list[DecodeResult]) -> str:
     by = {r.mode: r for r in results if not r.skipped}
     base = by.get("resident") or by.get("mlx-lm")
     rows = [
@@ -386,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prompt {args.prompt_tokens} tokens of {args.text.name}, then {args.tokens} greedy tokens; "
         f"{args.rounds} rounds, modes interleaved; medians" + (f"; flash at {flash.operating_point}" if flash else "")
     )
-    print(table(results, budget))
+    print(table(results))
     for r in results:
         if r.note:
             print(f"- {r.mode}: {r.note}")

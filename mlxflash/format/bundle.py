@@ -139,6 +139,10 @@ class RecordLayout:
         size = round_up(offset, 16)
         return cls(tuple(fields), page_stride(size) if page_fit else size)
 
+    def parts(self) -> list[tuple[str, str, int]]:
+        """(name, dtype, count) of each field: what `build` takes."""
+        return [(f.name, f.dtype, f.count) for f in self.fields]
+
     @property
     def field_bytes(self) -> int:
         """The bytes of the fields alone: what a cached record takes in DRAM (padding stays on disk)."""

@@ -45,7 +45,7 @@ from .bundle import (
     to_numpy_bytes,
 )
 from .moe import MoEArch, expert_tensors, moe_arch, write_moe_bundle
-from .quant import quant_params, transpose_packed
+from .quant import quant_params, requantize_transposed, transpose_packed
 
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 
@@ -283,13 +283,8 @@ def _record_parts(t: dict, q: dict | None, source_q: dict | None = None) -> tupl
     down = t["down_proj"]
     groups = down[1:] if q else None
     if down_rows(q):  # (d, n) grouped along n -> float32 -> each neuron's column quantized along d
-        src = source_q["down"]
-        f32 = lambda a: a.astype(mx.float32)  # noqa: E731  (float16 scales would round codes * scale)
-        dense = mx.dequantize(down[0], f32(down[1]), f32(down[2]), group_size=src["group_size"], bits=src["bits"])
-        w, scales, biases = mx.quantize(dense.T, q["down"]["group_size"], q["down"]["bits"])
-        parts.update(
-            {"down.weight": w, "down.scales": scales.astype(down[1].dtype), "down.biases": biases.astype(down[1].dtype)}
-        )
+        rows = requantize_transposed(*down, source_q["down"], q["down"])
+        parts.update(zip(("down.weight", "down.scales", "down.biases"), rows))
         groups = None
     elif q:
         parts["down.weight"] = transpose_packed(down[0], q["down"]["bits"])  # (n, d*bits/32)
@@ -449,16 +444,8 @@ def read_ffn_layer(bundle, layer: int) -> dict[str, tuple]:
         out["up_bias"] = resident[prefix + "up_bias"]
     q = spec.quantization
     if down_rows(q):  # back to (d, n) grouped along n, as mlx-lm's down_proj holds it (re-quantized)
-        d = q["down"]
-        dense = mx.dequantize(
-            field["down.weight"],
-            field["down.scales"].astype(mx.float32),
-            field["down.biases"].astype(mx.float32),
-            group_size=d["group_size"],
-            bits=d["bits"],
-        )
-        w, scales, biases = mx.quantize(dense.T, d["group_size"], d["bits"])
-        out["down_proj"] = (w, scales.astype(field["down.scales"].dtype), biases.astype(field["down.scales"].dtype))
+        rows = (field["down.weight"], field["down.scales"], field["down.biases"])
+        out["down_proj"] = requantize_transposed(*rows, q["down"], q["down"])
     elif q:
         down = transpose_packed(field["down.weight"], q["down"]["bits"])
         out["down_proj"] = (down, resident[prefix + "down_scales"], resident[prefix + "down_biases"])

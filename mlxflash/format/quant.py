@@ -70,3 +70,15 @@ def transpose_packed(packed: mx.array, bits: int) -> mx.array:
     Turns MLX's packed down matrix (d, n) into per-neuron columns (n, d) and back.
     """
     return pack_codes(unpack_codes(packed, bits).T, bits)
+
+
+def requantize_transposed(
+    w: mx.array, scales: mx.array, biases: mx.array, source: dict, target: dict
+) -> tuple[mx.array, mx.array, mx.array]:
+    """A quantized matrix (a, b) with groups along b -> its transpose (b, a) quantized with groups along a
+    (`source`/`target`: {"group_size", "bits"}). Dequantized in float32 (float16 scales would round
+    codes * scale); the new scales and biases in the old ones' dtype. One more rounding: not lossless."""
+    f32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    dense = mx.dequantize(w, *f32, group_size=source["group_size"], bits=source["bits"])
+    w2, s2, b2 = mx.quantize(dense.T, target["group_size"], target["bits"])
+    return w2, s2.astype(scales.dtype), b2.astype(scales.dtype)

@@ -245,14 +245,6 @@ def _load_resident(model: nn.Module, bundle: Bundle, weights: dict) -> None:
     mx.eval(model.parameters())
 
 
-def read_all_records(bundle: Bundle, reader: FlashReader) -> list[mx.array]:
-    """Every layer's records (n, R), read once through the reader."""
-    spec = bundle.spec
-    buffers = [aligned_buffer(spec.block_bytes(i)) for i in range(bundle.num_layers)]
-    reader.read([(spec.layers[i].offset, view) for i, (_, view) in enumerate(buffers)])
-    return [buf.reshape(spec.layers[i].neurons, spec.record.nbytes) for i, (buf, _) in enumerate(buffers)]
-
-
 def _load_all_records(bundle: Bundle, reader: FlashReader, model: nn.Module) -> None:
     """Layer by layer: a block's records are read, split into contiguous field matrices (padding
     dropped) and freed, so loading holds one block beside the weights."""

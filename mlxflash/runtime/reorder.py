@@ -58,7 +58,7 @@ def permute_trace(trace: Trace, perms: list[np.ndarray]) -> Trace:
 
 def page_fitted(layout: RecordLayout) -> RecordLayout:
     """The same fields in a record padded to fit direct-I/O pages (bundle.page_stride)."""
-    return RecordLayout.build([(f.name, f.dtype, f.count) for f in layout.fields], page_fit=True)
+    return RecordLayout.build(layout.parts(), page_fit=True)
 
 
 def reorder_bundle(
@@ -67,9 +67,7 @@ def reorder_bundle(
     """Write a copy of `bundle` at `out` with layer l's neurons in the order perms[l] (perm[new] = old),
     its records laid out as `record` (the same fields, e.g. `page_fitted`; default: as they are)."""
     spec, g = bundle.spec, group_size(bundle)
-    if record is not None and [(f.name, f.dtype, f.count) for f in record.fields] != [
-        (f.name, f.dtype, f.count) for f in spec.record.fields
-    ]:
+    if record is not None and record.parts() != spec.record.parts():
         raise ValueError("the new record layout must hold the same fields")
     for layer, perm in enumerate(perms):
         n = spec.layers[layer].neurons

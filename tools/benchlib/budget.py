@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxflash.format.bundle import Bundle, down_rows
+from mlxflash.format.bundle import Bundle
 from mlxflash.runtime.planner import model_bytes, parse_memory
+from mlxflash.runtime.reorder import group_size
 
 
 @dataclass
@@ -56,7 +57,6 @@ def resolve_budget(bundle: Bundle, memory: str) -> Budget:
 def hybrid_keep(bundle: Bundle, budget: Budget) -> list[int]:
     """Per layer, the first neurons the FFN allowance holds resident (whole quantization groups)."""
     R = bundle.spec.record.nbytes
-    q = bundle.spec.quantization
-    g = q["down"]["group_size"] if q and not down_rows(q) else 1
+    g = group_size(bundle)
     k = int(budget.ffn_allowance // R) // g * g
     return [min(k, b.neurons) for b in bundle.spec.layers]
