@@ -23,8 +23,10 @@ def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]
         raise UsageError(f"--context {context} --stride {stride}: need context >= 2 and 1 <= stride <= context")
     spans, scored_to, start = [], 1, 0
     while scored_to < n:
-        end = min(start + context, n)
-        spans.append((start, end, max(scored_to, start + 1)))
+        end, first = min(start + context, n), max(scored_to, start + 1)
+        if first >= end:  # a last window of one token scores nothing (its only token has no context)
+            break
+        spans.append((start, end, first))
         scored_to, start = end, start + stride
     return spans
 
