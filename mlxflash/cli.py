@@ -1,4 +1,4 @@
-"""The `mlxflash` command: generate, convert, fetch, serve, chat, eval."""
+"""The `mlxflash` command: generate, convert, fetch, serve, chat, eval, plan."""
 
 from __future__ import annotations
 
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .plan_cli import add_plan_parser
+
+    add_plan_parser(sub)
     args = parser.parse_args(argv)
     # transformers' advice (no PyTorch, long sequences) is noise here; our own errors say what matters.
     from transformers.utils import logging as hf_logging

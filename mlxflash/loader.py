@@ -26,7 +26,7 @@ def load(path: str | Path | None = None, mode: str | None = None, memory: str | 
     mode: "resident" (the whole FFN in memory), "naive" (each token reads every layer's FFN from disk) or
     "flash" (selected neurons, windowed cache); by default "flash" when `memory` ("4GB", "50%") is
     smaller than the model, else "resident". Other options: selector ("predictor", "gate", "all" or a
-    Selector), window, density, gate_bits, gap, bundled, masked_prompts, retain, verify, threads (see
+    Selector), window, density, gate_bits, gap, bundled, masked_prompts, retain, verify, threads, max_loss (see
     mlxflash.runtime.model.load_model).
     `model.flash` carries the runtime (plan, statistics); `model.flash.close()` releases the bundle.
     """

@@ -19,6 +19,7 @@ _LOAD_KEYS = (
     "gap",
     "max_kv_size",
     "kv_bits",
+    "max_loss",
 )
 
 
@@ -43,6 +44,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gate-bits", type=int, choices=(1, 2, 3, 4), help="flash, gate selector: select from a low-bit gate copy"
+    )
+    p.add_argument(
+        "--max-loss",
+        help="flash: run at the smallest budget (within --memory) whose measured perplexity increase is at most this (2%%)",
     )
     p.add_argument("--threads", type=int, help="reads in flight (default: from the disk cost model)")
     p.add_argument("--gap", type=_gap, help="flash: records read through between needed ones (auto: the cost model's)")

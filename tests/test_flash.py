@@ -252,7 +252,9 @@ def test_a_gate_selector_too_dense_for_the_budget_becomes_top_k(bundles, tmp_pat
     plan, selector = model.flash.plan, model.flash.selector
     assert plan.capacity == 48 and selector.top_k == 48  # 90% of 128 neurons do not fit 48 rows: the top 48
     assert plan.density == 48 / 128 and plan.window == 1
-    assert plan.note == "gate selector set to density 0.38 (trained at 0.90) to fit the budget"
+    fitted, blind = plan.note.split("; ")
+    assert fitted == "gate selector set to density 0.38 (trained at 0.90) to fit the budget"
+    assert blind.startswith("no quality table in this bundle: density and window planned blind")
 
 
 def test_a_predictor_too_dense_for_the_budget_is_rethresholded_from_its_quantiles(bundles, tmp_path):
@@ -280,7 +282,7 @@ def test_a_predictor_too_dense_for_the_budget_is_rethresholded_from_its_quantile
     # 48 of 128 rows, aimed 10% below, on the 0.05 grid: 0.30
     assert plan.capacity == 48 and selector.density == pytest.approx(0.30) and plan.density == selector.density
     assert selector.logit == pytest.approx([np.interp(0.30, grid, q) for q in quantiles])
-    assert plan.note == "predictor selector set to density 0.30 (trained at 0.90) to fit the budget"
+    assert plan.note.startswith("predictor selector set to density 0.30 (trained at 0.90) to fit the budget; ")
 
 
 def _cli(*args):
@@ -419,3 +421,36 @@ def test_train_predictors_on_the_activation_target(bundles, tmp_path, shared_dat
     assert all(abs(r.target_density - 0.5) < 0.05 for r in reports)  # the largest |h|, half of the neurons
     selector = Bundle.open(path).spec.selector
     assert selector.target == "activation" and len(selector.gate_threshold) == 2
+
+
+@pytest.mark.parametrize(
+    "kw,row_bytes",
+    [({}, 64 * 4), ({"bits": 4, "group_size": 32}, 64 // 2 + 2 * 2 * 4), ({"dtype": "bfloat16"}, 64 * 2)],
+)
+def test_flash_streams_an_untied_embedding(tmp_path, kw, row_bytes):
+    """The input embedding stays on the SSD in flash mode (rows read per forward); the logits do not change."""
+    from mlxflash.runtime.embedding import StreamedEmbedding
+
+    path = mlxflash.convert(make_hf_dir(tmp_path / "src"), tmp_path / "b", progress=False, **kw)
+    bundle = Bundle.open(path)
+    dense, _ = mlxflash.load(path, mode="resident")
+    flash, _ = mlxflash.load(path, mode="flash", selector="all")
+    try:
+        assert isinstance(flash.model.embed_tokens, StreamedEmbedding)
+        assert bundle.streamed_embedding_bytes == 256 * row_bytes  # float32 rows (as the source), or 4-bit codes and 2 groups' scales and biases
+        assert flash.flash.plan.resident_bytes == bundle.resident_bytes - bundle.streamed_embedding_bytes
+        tokens = mx.array([[3, 9, 3, 250, 0, 9]])
+        np.testing.assert_allclose(np.array(flash(tokens)), np.array(dense(tokens)), atol=1e-4, rtol=1e-4)
+    finally:
+        flash.flash.close()
+        dense.flash.close()
+
+
+def test_a_tied_embedding_stays_resident(tmp_path):
+    path = mlxflash.convert(
+        make_hf_dir(tmp_path / "src", {"tie_word_embeddings": True}), tmp_path / "b", progress=False
+    )
+    assert Bundle.open(path).streamed_embedding == ()
+    flash, _ = mlxflash.load(path, mode="flash", selector="all")
+    assert type(flash.model.embed_tokens).__name__ == "Embedding"
+    flash.flash.close()

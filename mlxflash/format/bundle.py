@@ -43,6 +43,8 @@ The ``flash`` section of config.json::
     files            {"ffn.bin": {"bytes"}, "resident.safetensors": {"bytes", "sha256"}}
     selector         how flash mode picks neurons (`SelectorRecord`: written by train_predictors, or
                      tools/make_synthetic.py, with the predictors), or null
+    quality          optional: the measured operating points the planner picks from (`QualityTable`:
+                     written by train_predictors' calibration through `update_quality`)
 
 Loading checks the version, the presence and size of every file and (unless told not to) every
 checksum, and refuses a bundle that fails with a message naming the file.
@@ -65,6 +67,7 @@ import numpy as np
 
 from ..errors import BundleError, ConvertError
 from .checksums import CONFIG_DIGEST, config_digest, sha256_file, with_digest
+from .quality_record import QualityTable
 from .selector_record import SelectorRecord
 
 FORMAT_VERSION = 1
@@ -73,6 +76,8 @@ PAGE = 4096  # what a direct read moves at least: records are padded to fit page
 MAX_PAGE_PADDING = 0.15  # padding a record to whole pages (or a page's halves, quarters, ...) costs at most this
 CONFIG_FILE = "config.json"
 RESIDENT_FILE = "resident.safetensors"
+EMBEDDING_PREFIX = "model.embed_tokens."
+SAFETENSORS_NUMPY = {"U8": np.uint8, "U32": np.uint32, "F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 FFN_FILE = "ffn.bin"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -204,6 +209,7 @@ class FFNSpec:
     layers: list[LayerBlock] = field(default_factory=list)
     files: dict = field(default_factory=dict)
     selector: SelectorRecord | None = None
+    quality: QualityTable | None = None  # the measured operating points (format/quality_record.py)
     alignment: int = ALIGNMENT
     format_version: int = FORMAT_VERSION
 
@@ -234,6 +240,7 @@ class FFNSpec:
             "layers": [b.__dict__ for b in self.layers],
             "files": self.files,
             "selector": self.selector.to_json() if self.selector else None,
+            **({"quality": self.quality.to_json()} if self.quality else {}),
         }
 
     @classmethod
@@ -247,6 +254,7 @@ class FFNSpec:
         try:
             layers = [LayerBlock(**b) for b in d["layers"]]
             selector = SelectorRecord.from_json(d["selector"], where, len(layers)) if d.get("selector") else None
+            quality = QualityTable.from_json(d["quality"], where) if d.get("quality") else None
             return cls(
                 hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"],
@@ -258,6 +266,7 @@ class FFNSpec:
                 layers=layers,
                 files=d["files"],
                 selector=selector,
+                quality=quality,
                 alignment=d["alignment"],
             )
         except (KeyError, TypeError) as e:
@@ -334,14 +343,60 @@ class Bundle:
         return self.spec.files[RESIDENT_FILE]["bytes"]
 
     @functools.cached_property
-    def predictor_bytes(self) -> int:
-        """Bytes of the neuron predictors inside resident.safetensors (not part of the model's weights)."""
+    def resident_header(self) -> tuple[int, dict]:
+        """(where the tensor data starts, the safetensors header) of resident.safetensors."""
         try:  # read before any checksum is verified (planning): a damaged header is refused here too
             with open(self.path / RESIDENT_FILE, "rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".mlp.predictor." in k)
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for v in header.values():
+                v["nbytes"] = v["data_offsets"][1] - v["data_offsets"][0]
+            return 8 + size, header
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError, MemoryError) as e:
             raise BundleError(f"{self.path / RESIDENT_FILE}: unreadable safetensors header ({type(e).__name__})") from e
+
+    def _tensor_bytes(self, names) -> int:
+        header = self.resident_header[1]
+        return sum(header[k]["nbytes"] for k in names)
+
+    @functools.cached_property
+    def predictor_bytes(self) -> int:
+        """Bytes of the neuron predictors inside resident.safetensors (not part of the model's weights)."""
+        return self._tensor_bytes(k for k in self.resident_header[1] if ".mlp.predictor." in k)
+
+    @functools.cached_property
+    def streamed_embedding(self) -> tuple[str, ...]:
+        """The input embedding's tensors where the LM head has its own (untied): flash mode leaves them on
+        the SSD and reads each token's row (runtime/embedding.py); () where the head is the embedding."""
+        header = self.resident_header[1]
+        if not any(k.startswith("lm_head.") for k in header):
+            return ()
+        return tuple(k for k in header if k.startswith(EMBEDDING_PREFIX))
+
+    @property
+    def streamed_embedding_bytes(self) -> int:
+        return self._tensor_bytes(self.streamed_embedding)
+
+    def resident_rows(self, names) -> dict[str, np.ndarray]:
+        """Read-only memory maps of resident tensors (row lookups touch only the pages of their rows);
+        bfloat16 comes as uint16 (numpy has no bfloat16)."""
+        start, header = self.resident_header
+        out = {}
+        for name in names:
+            entry = header[name]
+            dtype = SAFETENSORS_NUMPY.get(entry["dtype"])
+            if dtype is None:
+                raise BundleError(f"{self.path / RESIDENT_FILE}: {name} has dtype {entry['dtype']}, not one to map")
+            rows = np.memmap(
+                self.path / RESIDENT_FILE, dtype, "r", start + entry["data_offsets"][0], tuple(entry["shape"])
+            )
+            if rows.nbytes != entry["nbytes"]:
+                raise BundleError(
+                    f"{self.path / RESIDENT_FILE}: {name} holds {entry['nbytes']} bytes, its shape needs {rows.nbytes}"
+                )
+            out[name] = rows
+        return out
 
     @property
     def weights_bytes(self) -> int:
@@ -470,7 +525,8 @@ class BundleWriter:
 
 
 def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: SelectorRecord) -> None:
-    """Add tensors (predictors) to resident.safetensors and record `selector`, atomically.
+    """Add tensors (predictors) to resident.safetensors and record `selector`, atomically; the quality
+    table is dropped (it measured the selectors being replaced).
 
     Writes the new resident file and config beside the old ones and renames them into place;
     the config (which carries the resident checksum) is renamed last.
@@ -481,11 +537,22 @@ def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: Select
     try:
         mx.save_safetensors(str(tmp_res), weights, metadata={"format": "mlx"})
         spec = bundle.spec
-        spec.selector = selector
+        spec.selector, spec.quality = selector, None
         spec.files[RESIDENT_FILE] = {"bytes": tmp_res.stat().st_size, "sha256": sha256_file(tmp_res)}
         tmp_cfg.write_text(json.dumps(with_digest({**bundle.config, "flash": spec.to_json()}), indent=2) + "\n")
         os.replace(tmp_res, bundle.path / RESIDENT_FILE)
         os.replace(tmp_cfg, bundle.path / CONFIG_FILE)
     finally:
         tmp_res.unlink(missing_ok=True)
+        tmp_cfg.unlink(missing_ok=True)
+
+
+def update_quality(bundle: Bundle, table: QualityTable) -> None:
+    """Record the measured quality table in config.json, atomically (written beside it, then renamed)."""
+    tmp_cfg = bundle.path / f".{CONFIG_FILE}.tmp"
+    try:
+        bundle.spec.quality = table
+        tmp_cfg.write_text(json.dumps(with_digest({**bundle.config, "flash": bundle.spec.to_json()}), indent=2) + "\n")
+        os.replace(tmp_cfg, bundle.path / CONFIG_FILE)
+    finally:
         tmp_cfg.unlink(missing_ok=True)

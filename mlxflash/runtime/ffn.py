@@ -23,7 +23,7 @@ from .cache import NeuronCache, cached_masks, timed_update
 from .cpu import quantized_matmul, quantized_matmul_rows
 from .dtypes import cast_floats, compute_dtype
 from .reader import FlashReader
-from .stats import RuntimeStats
+from .stats import MaskedCounts, RuntimeStats
 
 
 def _qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, q: dict) -> mx.array:
@@ -258,7 +258,10 @@ class FlashFFN(NaiveFFN):
         if o.masked_prompts:  # x (B, L, d)
             masks = np.asarray(self._selector.select(self._layer, x))  # (B, L, n)
             retain = o.retain and o.window > 0
-            held = mx.array(cached_masks(masks, cache.capacity, max(1, o.window), retain, start=cache))
+            held_np = cached_masks(masks, cache.capacity, max(1, o.window), retain, start=cache)
+            if self._stats.record_masked:
+                self._record_masked(held_np)
+            held = mx.array(held_np)
             seeds = masks[0, -k:]
         else:
             seeds = np.asarray(self._selector.select(self._layer, x[0, -k:]))  # (k, n)
@@ -285,6 +288,13 @@ class FlashFFN(NaiveFFN):
             cache.write_rows(cache.row_of[here], np.asarray(records)[here - first])
             self._stats.mem_seconds += time.perf_counter() - t0
         return self._output(y)
+
+    def _record_masked(self, held: np.ndarray) -> None:
+        """held (B, T, n) -> per sequence the neurons held and newly read at each position."""
+        n = held.shape[-1]
+        for row in held:
+            loaded = (row[1:] & ~row[:-1]).sum(axis=-1)
+            self._stats.masked.append(MaskedCounts(self._layer, n, row.sum(axis=-1), loaded))
 
 
 def _selected_ids(selection) -> np.ndarray:

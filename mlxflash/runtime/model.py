@@ -24,9 +24,10 @@ from .blocks import BlockSource
 from .costmodel import DiskCurve, plan_io
 from .cpu import release_freed_memory, speed_up_prompts
 from .dtypes import cast_floats, compute_dtype
+from .embedding import StreamedEmbedding
 from .ffn import FlashFFN, FlashOptions, NaiveFFN, ResidentFFN
 from .kv import KVPlan, kv_plan
-from .planner import Budget, Plan, PlanRequest, prompt_chunk_rows
+from .planner import Budget, Plan, PlanRequest, parse_loss, prompt_chunk_rows
 from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer, scratch_size_for
 from .selectors import Selector
 from .stats import RuntimeStats, TokenStats, current_rss_bytes
@@ -132,6 +133,7 @@ def load_model(
     retain: bool = False,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
+    max_loss: float | str | None = None,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a bundle as an mlx-lm model whose FFNs live in the bundle; `model.flash` holds the runtime.
 
@@ -141,6 +143,8 @@ def load_model(
     at the price of more bytes. retain keeps neurons past the window while the cache has room (no reads,
     more compute; off by default: on the default model it did not improve answers). max_kv_size bounds a
     conversation's tokens and reserves their KV cache (kv_bits: quantized) inside the budget (runtime/kv.py).
+    max_loss ("2%") runs at the smallest budget (within `memory`) whose measured point in the bundle's
+    quality table keeps the perplexity increase within it.
     """
     bundle = Bundle.open(path, verify=verify)
     dtype = compute_dtype(bundle.spec.dtype)  # CPU: float32 (float16 math is ~45x slower); the KV cache too
@@ -174,7 +178,11 @@ def load_model(
     spec = bundle.spec
     try:
         chosen, plan = planner.plan(
-            bundle, budget, PlanRequest(mode, selector, window, density, gate_bits), reader, weights
+            bundle,
+            budget,
+            PlanRequest(mode, selector, window, density, gate_bits, None if max_loss is None else parse_loss(max_loss)),
+            reader,
+            weights,
         )
     except Exception:
         reader.close()
@@ -205,7 +213,11 @@ def load_model(
             block.mlp = NaiveFFN(i, spec, stats, blocks, biases)
         else:
             block.mlp = ResidentFFN(i, spec, stats, biases)
-    _load_resident(model, bundle, {k: v for k, v in weights.items() if ".mlp.predictor." not in k})
+    resident = {k: v for k, v in weights.items() if ".mlp.predictor." not in k}
+    if mode == "flash" and bundle.streamed_embedding:  # an untied input embedding stays on the SSD
+        model.model.embed_tokens = StreamedEmbedding(bundle, dtype)
+        resident = {k: v for k, v in resident.items() if k not in bundle.streamed_embedding}
+    _load_resident(model, bundle, resident)
     if mode == "resident":
         _load_all_records(bundle, reader, model)
         runtime.resident_bytes += spec.ffn_weight_bytes

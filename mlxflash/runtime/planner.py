@@ -12,9 +12,14 @@ layer's cache. A selector whose density does not fit is re-thresholded to the la
 The KV cache is in the budget when --max-kv-size bounds it (`Budget.kv_bytes`, runtime/kv.py), else
 outside it; never in it: the runtime itself (Python, MLX, tokenizer), reported as the fixed overhead.
 
+With a quality table in the bundle (format/quality_record.py, measured at calibration) and nothing
+asked of the selector, density or window, the planner picks the measured operating point of least
+expected loss whose DRAM fits (`_plan_from_table`), and `max_loss` turns a tolerated loss into the
+smallest budget that keeps it (`budget_for_loss`); `quality_curve` lists what each budget buys.
+Without a table it plans blind, from the budget alone, and says so.
+
 Extending it: a new resident term is a field of `Plan` counted in `fixed_bytes` (as `kv_bytes` is);
-a different way to pick the density (a quality table) replaces `_fitting_density`; a cache of other
-units (MoE experts: runtime/moe_plan.py) plans from the same `Budget` and `choose_mode`.
+a cache of other units (MoE experts: runtime/moe_plan.py) plans from the same `Budget` and `choose_mode`.
 """
 
 from __future__ import annotations
@@ -28,14 +33,23 @@ import mlx.core as mx
 from ..errors import UsageError
 from ..format.bundle import Bundle
 from ..format.moe import MoEBundle
+from ..format.quality_record import OperatingPoint, QualityTable
 from .cache import staging_bytes
 from .moe_plan import MoEPlan, plan_moe
 from .reader import FlashReader
-from .selectors import AllSelector, GateSelector, PredictorSelector, Selector, gate_selector, predictor_selector
+from .selectors import (
+    AllSelector,
+    GateSelector,
+    PredictorSelector,
+    Selector,
+    activation_selector,
+    gate_selector,
+    predictor_selector,
+)
 from .traces import Trace
 
 MODES = ("resident", "naive", "flash")
-SELECTORS = ("predictor", "gate", "all")
+SELECTORS = ("predictor", "gate", "activation", "all")
 
 _UNITS = {
     "": 1,
@@ -79,19 +93,21 @@ class Plan:
     mode: str
     budget: int | None
     model_bytes: int
-    resident_bytes: int  # resident.safetensors without the predictors
+    resident_bytes: int  # resident.safetensors without the predictors (flash: and an untied input embedding)
     selector_bytes: int  # what the selector keeps: predictors, gate rows or their sketch
     prompt_buffer_bytes: int
     capacity: int = 0  # neuron records cached per layer
     neurons: int = 0  # FFN width
     window: int = 0
     record_bytes: int = 0
+    read_bytes: int = 0  # a record on disk (page padding included): what a read of one neuron moves
     layers: int = 0
     selector: str = ""
     density: float = 0.0  # expected share of neurons selected per token
     note: str = ""  # what the planner changed to fit the budget
     io: str = ""  # how reads are issued
     kv_bytes: int = 0  # the KV cache of the context the budget allows (--max-kv-size), else 0 (outside)
+    expected: OperatingPoint | None = None  # the quality table's point the plan follows, if any
 
     @property
     def cache_bytes(self) -> int:
@@ -121,13 +137,19 @@ class Plan:
             )
         lines = [
             f"memory plan: {budget} -> flash mode, {_mb(self.planned_bytes)} planned",
-            f"  resident {_mb(self.resident_bytes)}: embeddings, attention, norms, LM head",
+            f"  resident {_mb(self.resident_bytes)}: attention, norms, LM head (and the input embedding where it is the head)",
             f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; I/O buffers {_mb(self.prompt_buffer_bytes)} (a prompt's block slice, read staging and scratch)",
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
             f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
             *([f"  KV cache {_mb(self.kv_bytes)} reserved in the budget (--max-kv-size)"] if self.kv_bytes else []),
         ]
+        if self.expected:
+            p = self.expected
+            lines.append(
+                f"  expected (quality table): {p.describe()}: NLL +{p.nll_increase:.3f} nats/token over dense "
+                f"(perplexity {100 * p.perplexity_increase:+.1f}%), {_mb(p.loaded * self.neurons * self.layers * self.read_bytes)} read per token"
+            )
         for extra in (self.io, self.note):
             if extra:
                 lines.append(f"  {extra}")
@@ -141,6 +163,12 @@ def model_bytes(bundle: Bundle) -> int:
 
 def resident_weights_bytes(bundle: Bundle) -> int:
     return bundle.resident_bytes - bundle.predictor_bytes
+
+
+def flash_resident_bytes(bundle: Bundle) -> int:
+    """What flash mode keeps of resident.safetensors: an untied input embedding stays on the SSD
+    (runtime/embedding.py)."""
+    return resident_weights_bytes(bundle) - bundle.streamed_embedding_bytes
 
 
 @dataclass(frozen=True)
@@ -183,7 +211,7 @@ def choose_mode(budget: Budget, mode: str | None) -> str:
 class PlanRequest:
     """What the caller asked for; None: what the bundle records and the budget allow.
 
-    selector: "predictor", "gate", "all" or a Selector object (used as it is); density: the share of
+    selector: "predictor", "gate", "activation", "all" or a Selector object (used as it is); density: the share of
     neurons to select (re-thresholds the selector); gate_bits: the gate selector's sketch."""
 
     mode: str | None = None
@@ -191,6 +219,7 @@ class PlanRequest:
     window: int | None = None
     density: float | None = None
     gate_bits: int | None = None
+    max_loss: float | None = None  # the perplexity increase tolerated (0.02: 2%): the smallest budget that keeps it
     policy: str = "lru"  # MoE bundles: the expert cache's eviction policy
     slots: int | None = None  # MoE bundles: expert slots per layer (None: what the budget allows)
     routing: Trace | None = None  # MoE bundles: a routing trace to expect hit rates on (None: the generator)
@@ -206,6 +235,8 @@ def plan(
     """The mode, and in flash mode the selector and the cache plan. `reader` reads the gate selector's
     rows and sizes its scratch buffers; `weights` are the resident tensors in the compute dtype (the
     predictors among them; not needed for an MoE bundle). Raises TooSmall when not even one token's neurons fit."""
+    if request.max_loss is not None and not isinstance(bundle, MoEBundle):
+        budget = budget_for_loss(bundle, budget, request, reader)
     mode = choose_mode(budget, request.mode)
     if isinstance(bundle, MoEBundle):  # experts, not neurons: moe_plan sizes the expert slots
         return None, plan_moe(
@@ -223,22 +254,165 @@ def plan(
         return None, Plan(
             mode, budget.bytes, budget.model_bytes, resident_weights_bytes(bundle), 0, 0, kv_bytes=budget.kv_bytes
         )
+    table = bundle.spec.quality
+    if table is not None and _open_request(request):
+        chosen = _plan_from_table(bundle, budget, table, reader, weights)
+        if chosen is not None:
+            return chosen
     selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
     try:
-        return selector, _size_flash(bundle, budget, selector, request.window, reader)
+        chosen = selector, _size_flash(bundle, budget, selector, request.window, reader)
     except TooSmall as e:
-        density = _fitting_density(bundle, selector, request, e.plan)
-        if density is None:
-            least = _least_budget(bundle, selector, request, e.plan)
-            if least is None:
-                raise
-            raise TooSmall(f"{e}, or {_mb(least)} with the selector set to density {MIN_DENSITY}", e.plan) from None
-        selector = selector.at_density(bundle.spec.selector, density)
-        fitted = _size_flash(bundle, budget, selector, request.window, reader)
-        fitted.note = (
-            f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
+        chosen = _refit(bundle, budget, request, reader, selector, e)
+    if _open_request(request):
+        chosen[1].note = "; ".join(filter(None, [chosen[1].note, _blind_note(bundle, table)]))
+    return chosen
+
+
+def _open_request(request: PlanRequest) -> bool:
+    """Whether the caller left the operating point to the planner (no selector, density, window or bits)."""
+    return all(v is None for v in (request.selector, request.density, request.window, request.gate_bits))
+
+
+def _blind_note(bundle: Bundle, table: QualityTable | None) -> str:
+    if table is None:
+        return (
+            "no quality table in this bundle: density and window planned blind, from the budget alone; measure "
+            f"one with `python tools/train_predictors.py {bundle.path} --text FILE`"
         )
-        return selector, fitted
+    least = min(table.points, key=lambda p: p.capacity).capacity
+    return f"below the quality table's smallest cache ({100 * least:.0f}% of the neurons): planned blind"
+
+
+def _refit(
+    bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader, selector: Selector, e: TooSmall
+) -> tuple[Selector, Plan]:
+    """The selector re-thresholded to the largest density that fits, where it can be."""
+    density = _fitting_density(bundle, selector, request, e.plan)
+    if density is None:
+        least = _least_budget(bundle, selector, request, e.plan)
+        if least is None:
+            raise e
+        raise TooSmall(f"{e}, or {_mb(least)} with the selector set to density {MIN_DENSITY}", e.plan) from None
+    selector = selector.at_density(bundle.spec.selector, density)
+    fitted = _size_flash(bundle, budget, selector, request.window, reader)
+    fitted.note = (
+        f"{selector.kind} selector set to density {density:.2f} (trained at {e.plan.density:.2f}) to fit the budget"
+    )
+    return selector, fitted
+
+
+def io_buffer_bytes(bundle: Bundle, reader: FlashReader) -> int:
+    """A prompt's block slice, the read staging buffer and the reader's scratch: all the I/O buffers."""
+    spec = bundle.spec
+    slice_bytes = prompt_chunk_rows(spec) * spec.record.nbytes
+    staging = staging_bytes(spec.intermediate_size, spec.record.nbytes)  # no read is larger than these
+    return slice_bytes + staging + reader.scratch_bytes(max(slice_bytes, staging))
+
+
+def point_bytes(bundle: Bundle, point: OperatingPoint, reader: FlashReader, kv_bytes: int = 0) -> int:
+    """The DRAM a quality table's point needs on this machine: what stays resident, its selector, the I/O
+    buffers and the cache rows its window's union needed."""
+    spec = bundle.spec
+    rows = math.ceil(point.capacity * spec.intermediate_size)
+    fixed = flash_resident_bytes(bundle) + point.selector_bytes + io_buffer_bytes(bundle, reader) + kv_bytes
+    return fixed + rows * bundle.num_layers * spec.record.field_bytes
+
+
+def _plan_from_table(
+    bundle: Bundle, budget: Budget, table: QualityTable, reader: FlashReader, weights: dict[str, mx.array]
+) -> tuple[Selector, Plan] | None:
+    """The measured point of least expected loss (then fewest reads) that fits; None where none fits."""
+    fits = [
+        p
+        for p in table.points
+        if budget.bytes is None or point_bytes(bundle, p, reader, budget.kv_bytes) <= budget.bytes
+    ]
+    if not fits:
+        return None
+    best = min(fits, key=lambda p: (p.nll_increase, p.loaded))
+    selector = make_selector(bundle, reader, weights, best.selector, best.density, best.gate_bits)
+    fitted = _size_flash(bundle, budget, selector, best.window, reader)
+    fitted.expected = best
+    fitted.note = f"the least expected loss of the {len(fits)} of {len(table.points)} measured points that fit"
+    return selector, fitted
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One budget of `quality_curve`: the point the planner would run there (None: resident mode)."""
+
+    budget_bytes: int
+    model_bytes: int
+    point: OperatingPoint | None
+    bytes_per_token: int  # read from flash per decoded token
+
+    @property
+    def perplexity_increase(self) -> float:
+        return self.point.perplexity_increase if self.point else 0.0
+
+
+def quality_curve(bundle: Bundle, reader: FlashReader) -> list[CurvePoint]:
+    """What each budget buys: the measured points that lower the expected loss below every cheaper one
+    (the planner's choices as the budget grows), then the whole model (resident, no loss)."""
+    table = bundle.spec.quality
+    if table is None:
+        raise UsageError(
+            f"{bundle.path}: no quality table in this bundle, so the planner plans blind; measure one with "
+            f"`python tools/train_predictors.py {bundle.path} --text FILE`"
+        )
+    spec, total = bundle.spec, model_bytes(bundle)
+    per_neuron = bundle.num_layers * spec.intermediate_size * spec.record.nbytes
+    curve, best = [], math.inf
+    for p in sorted(table.points, key=lambda p: (point_bytes(bundle, p, reader), p.nll_increase)):
+        cost = point_bytes(bundle, p, reader)
+        if p.nll_increase < best and cost < total:
+            curve.append(CurvePoint(cost, total, p, int(p.loaded * per_neuron)))
+            best = p.nll_increase
+    return [*curve, CurvePoint(total, total, None, 0)]
+
+
+def parse_loss(text: str | float) -> float:
+    """'2%' or 2 (percent of perplexity) -> 0.02."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%?\s*", text)
+        if not m:
+            raise UsageError(f"--max-loss {text!r}: expected a perplexity increase in percent, like 2%")
+        value = float(m.group(1))
+    if value <= 0:
+        raise UsageError(f"--max-loss {text!r}: must be above 0%")
+    return value / 100
+
+
+def budget_for_loss(bundle: Bundle, budget: Budget, request: PlanRequest, reader: FlashReader) -> Budget:
+    """The smallest budget (within the one given) whose measured point keeps the perplexity increase
+    within `request.max_loss`; the whole model (resident: no loss) where no flash point does."""
+    table, limit = bundle.spec.quality, request.max_loss
+    if table is None:
+        raise UsageError(
+            f"{bundle.path}: --max-loss needs the bundle's quality table, and it has none; measure it with "
+            f"`python tools/train_predictors.py {bundle.path} --text FILE`"
+        )
+    cost = {id(p): point_bytes(bundle, p, reader, budget.kv_bytes) for p in table.points}
+    ok = [
+        p
+        for p in table.points
+        if p.perplexity_increase <= limit and (budget.bytes is None or cost[id(p)] <= budget.bytes)
+    ]
+    if ok and request.mode != "resident":
+        return replace(budget, bytes=min(cost[id(p)] for p in ok))
+    whole = budget.model_bytes + budget.kv_bytes
+    if request.mode != "flash" and (budget.bytes is None or budget.bytes >= whole):
+        return replace(budget, bytes=None)  # only the whole model keeps it: resident mode
+    best = min(table.points, key=lambda p: p.nll_increase)
+    within = f" within --memory {_mb(budget.bytes)}" if budget.bytes is not None else ""
+    raise UsageError(
+        f"--max-loss {100 * limit:g}%: no budget{within} meets it; the best achievable is "
+        f"{100 * best.perplexity_increase:+.1f}% perplexity ({best.describe()}, {_mb(cost[id(best)])})"
+        + ("" if request.mode == "flash" else f", or no loss in resident mode with {_mb(whole)}")
+    )
 
 
 def make_selector(
@@ -266,6 +440,11 @@ def make_selector(
         return AllSelector([b.neurons for b in bundle.spec.layers])
     if choice == "predictor":
         return predictor_selector(bundle, weights, density)
+    if choice == "activation":
+        density = density if density is not None else (record.gate_density if record else None)
+        if density is None:
+            raise UsageError(f"{bundle.path}: the activation selector needs a --density (none is calibrated)")
+        return activation_selector(bundle, reader, density, gate_bits)
     if gate_bits is None and record and choice == record.kind:
         gate_bits = record.gate_bits
     if density is None and gate_bits is not None and record:  # thresholds were calibrated on the exact gate
@@ -301,19 +480,19 @@ def _least_budget(bundle: Bundle, selector: Selector, request: PlanRequest, too_
 def _size_flash(bundle: Bundle, budget: Budget, selector: Selector, window: int | None, reader: FlashReader) -> Plan:
     """Cache capacities and window for `selector` within the budget (no limit: cache the whole FFN)."""
     spec = bundle.spec
-    n, layers, R = spec.intermediate_size, bundle.num_layers, spec.record.nbytes
-    slice_bytes, staging = prompt_chunk_rows(spec) * R, staging_bytes(n, R)  # no read is larger than these
+    n, layers = spec.intermediate_size, bundle.num_layers
     R = spec.record.field_bytes  # a cached record: its fields (a page-fitted record's padding stays on disk)
-    prompt_buffer = slice_bytes + staging + reader.scratch_bytes(max(slice_bytes, staging))  # all the I/O buffers
+    prompt_buffer = io_buffer_bytes(bundle, reader)
     plan = Plan(
         "flash",
         budget.bytes,
         budget.model_bytes,
-        resident_weights_bytes(bundle),
+        flash_resident_bytes(bundle),
         selector.resident_bytes,
         prompt_buffer,
         neurons=n,
         record_bytes=R,
+        read_bytes=spec.record.nbytes,
         layers=layers,
         selector=selector.kind,
         kv_bytes=budget.kv_bytes,

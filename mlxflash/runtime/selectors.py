@@ -9,6 +9,8 @@ One interface: `select(layer, x)` takes the FFN inputs x (T, d) and returns a bo
   |silu(gate . x)| passes a per-layer threshold calibrated for a target density (or the top k). Exact
   for that criterion, at the DRAM cost of the gate (a third of the FFN); or, with `gate_bits`, from a
   1-, 2- or 3-bit sketch of the gate (less DRAM, approximate; selection only, compute stays exact).
+- `ActivationSelector`: gated FFNs; the top share by |silu(gate . x) * (up . x)| from resident (or
+  sketched) gate and up rows: the activation itself, at the DRAM of both.
 - `AllSelector`: every neuron (flash then equals dense). `OracleSelector`: the true non-zero set of a
   ReLU FFN, computed from all weights (tests and measurements only).
 """
@@ -124,10 +126,38 @@ class GateSelector(Selector):
 
     def select(self, layer: int, x: mx.array) -> mx.array:
         m = self.magnitude(layer, x)
-        if self.top_k:
-            kth = mx.sort(m, axis=-1)[..., -self.top_k][..., None]
-            return m >= kth
+        if self.top_k:  # the k-th largest by partition (no full sort): (T, 1)
+            at = m.shape[-1] - self.top_k
+            return m >= mx.partition(m, at, axis=-1)[..., at : at + 1]
         return m > self.thresholds[layer]
+
+
+class ActivationSelector(GateSelector):
+    """Gated FFNs: each token's top `density` share by |silu(gate . x) * (up . x)|, the neuron's activation
+    itself, from resident copies (or `bits`-bit sketches) of both the gate and the up rows. Costs the up
+    rows' DRAM beside the gate's; buys the criterion the output is made of (on Qwen2.5-1.5B, top 40% by
+    |h| loses 7% perplexity where top 40% by |silu(gate)| loses 76%)."""
+
+    kind = "activation"
+
+    def __init__(self, gates: list[tuple], ups: list[tuple], quantization: dict | None, top_k: int):
+        super().__init__(gates, quantization, None, top_k)
+        self.ups = ups
+        self.resident_bytes += sum(sum(a.nbytes for a in u) for u in ups)
+
+    def at_density(self, record: SelectorRecord | None, density: float) -> ActivationSelector:
+        n = self.gates[0][0].shape[0]
+        return ActivationSelector(self.gates, self.ups, self.q, max(1, int(round(density * n))))
+
+    def magnitude(self, layer: int, x: mx.array) -> mx.array:
+        """|silu(gate . x) * (up . x)| for every neuron: (T, n)."""
+        g, u = self.gates[layer], self.ups[layer]
+        if self.q:
+            gate = quantized_matmul(x, *g, **self.q["gate"])
+            up = quantized_matmul(x, *u, **self.q["up"])
+        else:
+            gate, up = x @ g[0].T, x @ u[0].T
+        return mx.abs(nn.silu(gate) * up)
 
 
 class OracleSelector(Selector):
@@ -151,29 +181,31 @@ class OracleSelector(Selector):
 SKETCH_GROUP = 64
 
 
-def gate_sketch(gates: list[tuple], quantization: dict | None, bits: int) -> list[tuple]:
-    """A lossy `bits`-bit copy of each layer's gate, for selection (1-3 bits: a quarter to 3/4 of a 4-bit gate)."""
+def gate_sketch(gates: list[tuple], quantization: dict | None, bits: int, part: str = "gate") -> list[tuple]:
+    """A lossy `bits`-bit copy of each layer's gate (or up: `part`), for selection (1-3 bits: a quarter
+    to 3/4 of a 4-bit gate)."""
     out = []
     for g in gates:
-        full = mx.dequantize(*g, **quantization["gate"]) if quantization else g[0]
+        full = mx.dequantize(*g, **quantization[part]) if quantization else g[0]
         sketch = mx.quantize(full.astype(mx.float16), SKETCH_GROUP, bits)
         mx.eval(sketch)
         out.append(tuple(sketch))
     return out
 
 
-def gate_rows(bundle: Bundle, reader: FlashReader) -> list[tuple]:
-    """The gate parts of every layer's records, copied out contiguous (resident for GateSelector);
-    one layer's block is in memory at a time."""
+def gate_rows(bundle: Bundle, reader: FlashReader, parts: tuple[str, ...] = ("gate",)) -> list[list[tuple]]:
+    """The gate (and up: `parts`) fields of every layer's records, copied out contiguous (resident for
+    the gate and activation selectors): per part, per layer; one layer's block is in memory at a time."""
     blocks, layout = BlockSource(bundle, reader), bundle.spec.record
-    names = [n for n in ("gate.weight", "gate.scales", "gate.biases") if n in layout.names()]
-    gates = []
+    names = {p: [n for n in (f"{p}.weight", f"{p}.scales", f"{p}.biases") if n in layout.names()] for p in parts}
+    out: list[list[tuple]] = [[] for _ in parts]
     for layer in range(bundle.num_layers):
         r = blocks.read_block(layer)
-        g = tuple(mx.contiguous(layout.view(r, n)) for n in names)
-        mx.eval(g)
-        gates.append(g)
-    return gates
+        for rows, part in zip(out, parts):
+            g = tuple(mx.contiguous(layout.view(r, n)) for n in names[part])
+            mx.eval(g)
+            rows.append(g)
+    return out
 
 
 def predictor_selector(bundle: Bundle, weights: dict[str, mx.array], density: float | None) -> PredictorSelector:
@@ -200,9 +232,24 @@ def gate_selector(bundle: Bundle, reader: FlashReader, density: float | None, ga
             f"{bundle.path}: no calibrated gate thresholds; run `python tools/train_predictors.py {bundle.path} "
             "--text FILE`, or give a --density"
         )
-    gates, q = gate_rows(bundle, reader), spec.quantization
+    (gates,), q = gate_rows(bundle, reader), spec.quantization
     if gate_bits is not None:  # a lossy, smaller copy of the gate, for selection only
         gates, q = gate_sketch(gates, q, gate_bits), {"gate": {"bits": gate_bits, "group_size": SKETCH_GROUP}}
     if density is not None:
         return GateSelector(gates, q, None).at_density(record, density)
     return GateSelector(gates, q, record.gate_threshold)
+
+
+def activation_selector(bundle: Bundle, reader: FlashReader, density: float, bits: int | None) -> ActivationSelector:
+    """The gate and up rows read from the bundle (or their `bits`-bit sketches), selecting each token's
+    top `density` share by |silu(gate . x) * (up . x)|."""
+    spec = bundle.spec
+    if not spec.gated or spec.activation == "relu":
+        raise UsageError(f"{bundle.path}: the activation selector needs a gated (SwiGLU) FFN")
+    gates, ups = gate_rows(bundle, reader, ("gate", "up"))
+    q = spec.quantization
+    if bits is not None:
+        gates, ups = gate_sketch(gates, q, bits), gate_sketch(ups, q, bits, "up")
+        q = {p: {"bits": bits, "group_size": SKETCH_GROUP} for p in ("gate", "up")}
+    n = spec.intermediate_size
+    return ActivationSelector(gates, ups, q, max(1, int(round(density * n))))

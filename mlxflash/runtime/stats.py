@@ -6,6 +6,8 @@ import resource
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .reader import IOCounters
 
 
@@ -31,6 +33,17 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+@dataclass(frozen=True)
+class MaskedCounts:
+    """One layer's replayed cache over one masked sequence: what calibration sizes a point's cache and
+    reads from (eval/quality.py)."""
+
+    layer: int
+    neurons: int
+    held: np.ndarray  # (T,) neurons the cache holds after each position
+    loaded: np.ndarray  # (T - 1,) neurons it had to read at each position after the first
+
+
 @dataclass
 class RuntimeStats:
     """Counters the FFN modules add to while tokens are computed (decode steps only for the cache)."""
@@ -40,6 +53,8 @@ class RuntimeStats:
     selected: int = 0  # neurons selected, summed over layers and decode tokens
     loaded: int = 0  # of those, neurons not in the cache (read from flash)
     computed: int = 0  # neurons in the cache that the FFN multiplied with
+    masked: list[MaskedCounts] = field(default_factory=list)  # masked evaluation's caches, when recorded
+    record_masked: bool = False
 
     def snapshot(self) -> dict[str, float]:
         c = self.io
