@@ -437,7 +437,9 @@ def test_flash_streams_an_untied_embedding(tmp_path, kw, row_bytes):
     flash, _ = mlxflash.load(path, mode="flash", selector="all")
     try:
         assert isinstance(flash.model.embed_tokens, StreamedEmbedding)
-        assert bundle.streamed_embedding_bytes == 256 * row_bytes  # float32 rows (as the source), or 4-bit codes and 2 groups' scales and biases
+        assert (
+            bundle.streamed_embedding_bytes == 256 * row_bytes
+        )  # float32 rows (as the source), or 4-bit codes and 2 groups' scales and biases
         assert flash.flash.plan.resident_bytes == bundle.resident_bytes - bundle.streamed_embedding_bytes
         tokens = mx.array([[3, 9, 3, 250, 0, 9]])
         np.testing.assert_allclose(np.array(flash(tokens)), np.array(dense(tokens)), atol=1e-4, rtol=1e-4)

@@ -221,3 +221,14 @@ def test_activation_selector_picks_the_largest_activations(tmp_path):
     finally:
         model.flash.close()
         dense.flash.close()
+
+
+def test_a_budget_below_every_measured_point_names_the_smallest(calibrated):
+    bundle = Bundle.open(calibrated)
+    reader = FlashReader(bundle.ffn_path)
+    least = min(point_bytes(bundle, p, reader) for p in bundle.spec.quality.points)
+    reader.close()
+    with pytest.raises(
+        UsageError, match=r"is below the smallest measured operating point \(gate \(2-bit sketch\), density 0.25"
+    ):
+        mlxflash.load(calibrated, memory=least // 2)

@@ -141,7 +141,7 @@ class Plan:
             f"  selector '{self.selector}' keeps {_mb(self.selector_bytes)}; I/O buffers {_mb(self.prompt_buffer_bytes)} (a prompt's block slice, read staging and scratch)",
             f"  neuron cache {_mb(self.cache_bytes)}: {self.capacity} of {self.neurons} neurons per layer "
             f"({100 * self.capacity / self.neurons:.0f}%), window k={self.window}, selected density {self.density:.2f}",
-            f"  streams from flash: the FFN, {_mb(self.model_bytes - self.resident_bytes)}",
+            f"  streams from flash: {_mb(self.model_bytes - self.resident_bytes)}, the FFN (and an untied input embedding)",
             *([f"  KV cache {_mb(self.kv_bytes)} reserved in the budget (--max-kv-size)"] if self.kv_bytes else []),
         ]
         if self.expected:
@@ -259,6 +259,13 @@ def plan(
         chosen = _plan_from_table(bundle, budget, table, reader, weights)
         if chosen is not None:
             return chosen
+        if bundle.spec.selector is None:  # nothing to plan blind with
+            least = min(table.points, key=lambda p: point_bytes(bundle, p, reader, budget.kv_bytes))
+            raise UsageError(
+                f"--memory {_mb(budget.bytes)} is below the smallest measured operating point ({least.describe()}, "
+                f"{_mb(point_bytes(bundle, least, reader, budget.kv_bytes))}); give more memory, or choose "
+                "--selector and --density to run unmeasured"
+            )
     selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
     try:
         chosen = selector, _size_flash(bundle, budget, selector, request.window, reader)
@@ -432,7 +439,7 @@ def make_selector(
     if choice is None:
         raise UsageError(
             f"{bundle.path}: flash mode needs a selector and this bundle has no predictors; train them with "
-            "`python tools/train_predictors.py BUNDLE --text FILE`, or pass --selector gate (gated FFNs) or all"
+            "`python tools/train_predictors.py BUNDLE --text FILE`, or pass --selector gate or activation (gated FFNs) or all"
         )
     if choice not in SELECTORS:
         raise UsageError(f"selector {choice!r}: expected one of {', '.join(SELECTORS)}")
