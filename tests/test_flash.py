@@ -89,7 +89,7 @@ def oracle(bundle_path) -> OracleSelector:
         if "up_bias" in t:
             w["up_bias"] = t["up_bias"]
         layers.append(w)
-    return OracleSelector(layers, bundle.spec.activation == "relu", bundle.spec.gated)
+    return OracleSelector(layers, bundle.spec.activation, bundle.spec.gated, bundle.spec.activation_threshold)
 
 
 @pytest.mark.parametrize("name", ["opt", "relu-llama"])

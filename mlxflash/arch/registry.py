@@ -28,6 +28,8 @@ ACTIVATION_NAMES = {
     "gelu_approx": "gelu_tanh",
     "gelu": "gelu",
     "relu": "relu",
+    "fatrelu": "fatrelu",  # ProSparse / MiniCPM-S (threshold: hidden_act_param)
+    "drelu": "drelu",  # TurboSparse: relu on the gate and the up projection
 }
 GATED = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 

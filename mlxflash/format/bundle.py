@@ -36,6 +36,7 @@ The ``flash`` section of config.json::
     format_version   1
     dtype            float dtype of float weights and of quantization scales
     gated, activation, hidden_size, intermediate_size
+    activation_threshold  optional: fatrelu's threshold (arch/activations.py)
     quantization     null, or {"gate"|"up"|"down": {"bits", "group_size"}}
     record           {"bytes": R, "fields": [{"name", "dtype", "count", "offset"}, ...]}
     alignment        16384
@@ -210,6 +211,7 @@ class FFNSpec:
     files: dict = field(default_factory=dict)
     selector: SelectorRecord | None = None
     quality: QualityTable | None = None  # the measured operating points (format/quality_record.py)
+    activation_threshold: float = 0.0  # fatrelu's t (arch/activations.py)
     alignment: int = ALIGNMENT
     format_version: int = FORMAT_VERSION
 
@@ -241,6 +243,7 @@ class FFNSpec:
             "files": self.files,
             "selector": self.selector.to_json() if self.selector else None,
             **({"quality": self.quality.to_json()} if self.quality else {}),
+            **({"activation_threshold": self.activation_threshold} if self.activation_threshold else {}),
         }
 
     @classmethod
@@ -267,6 +270,7 @@ class FFNSpec:
                 files=d["files"],
                 selector=selector,
                 quality=quality,
+                activation_threshold=float(d.get("activation_threshold", 0.0)),
                 alignment=d["alignment"],
             )
         except (KeyError, TypeError) as e:

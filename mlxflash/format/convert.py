@@ -164,6 +164,16 @@ def ffn_activation(config: dict, where: Path | str = "config.json") -> str:
         raise ConvertError(f"{where}: {e}") from e
 
 
+def activation_threshold(config: dict) -> float:
+    """fatrelu's threshold: the config's hidden_act_param (ProSparse, MiniCPM-S); 0 for the others."""
+    if config.get("hidden_act") != "fatrelu":
+        return 0.0
+    value = config.get("hidden_act_param", 0.0)
+    if not isinstance(value, (int, float)) or value < 0:
+        raise ConvertError(f"config.json: hidden_act_param={value!r}, expected a threshold >= 0 for fatrelu")
+    return float(value)
+
+
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -324,6 +334,7 @@ def write_bundle(
         intermediate_size=ffn_width(config),
         gated=gated,
         activation=ffn_activation(config),
+        activation_threshold=activation_threshold(config),
         dtype=dtype_name(scale_or_weight.dtype),
         quantization=q,
         record=RecordLayout.build(

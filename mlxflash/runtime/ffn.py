@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..arch.activations import ACTIVATIONS
+from ..arch.activations import ACTIVATIONS, UP_ACTIVATED, activation_fn
 from ..errors import BundleError
 from ..format.bundle import FFNSpec, down_rows
 from ..format.quant import transpose_packed, unpack_codes
@@ -45,7 +45,8 @@ class FFN(nn.Module):
         self._stats = stats
         if spec.activation not in ACTIVATIONS:
             raise BundleError(f"flash.activation {spec.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
-        self._act = ACTIVATIONS[spec.activation]
+        self._act = activation_fn(spec.activation, spec.activation_threshold)
+        self._up_act = self._act if spec.activation in UP_ACTIVATED else None
         n, d = spec.layers[layer].neurons, spec.hidden_size
         self.compute_dtype = dtype = compute_dtype(spec.dtype)
         self._rows = down_rows(spec.quantization)  # down columns quantized per neuron: scales in the records
@@ -85,6 +86,8 @@ class FFN(nn.Module):
             up = up + up_bias
         if not self._spec.gated:
             return self._act(up)
+        if self._up_act is not None:  # dReLU
+            up = self._up_act(up)
         return self._act(self._gate(x, w) if gate is None else gate) * up
 
     def activations(self, x: mx.array, w: dict[str, mx.array]) -> tuple[mx.array, mx.array | None]:

@@ -12,7 +12,7 @@ One interface: `select(layer, x)` takes the FFN inputs x (T, d) and returns a bo
 - `ActivationSelector`: gated FFNs; the top share by |silu(gate . x) * (up . x)| from resident (or
   sketched) gate and up rows: the activation itself, at the DRAM of both.
 - `AllSelector`: every neuron (flash then equals dense). `OracleSelector`: the true non-zero set of a
-  ReLU FFN, computed from all weights (tests and measurements only).
+  ReLU-family FFN (relu, fatrelu, drelu), computed from all weights (tests and measurements only).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..arch.activations import SPARSE, UP_ACTIVATED, is_sparse
 from ..errors import UsageError
 from ..format.bundle import Bundle
 from ..format.selector_record import SelectorRecord
@@ -161,21 +162,27 @@ class ActivationSelector(GateSelector):
 
 
 class OracleSelector(Selector):
-    """The exact non-zero set of a ReLU FFN (plain or gated), from the full weights."""
+    """The exact non-zero set of a ReLU-family FFN (plain or gated; arch/activations.py), from the full weights."""
 
     kind = "oracle"
 
-    def __init__(self, ffn_weights: list[dict], activation_is_relu: bool, gated: bool):
-        if not activation_is_relu:
-            raise UsageError("the oracle selector needs a ReLU FFN (a SwiGLU neuron is never exactly zero)")
-        self.w, self.gated = ffn_weights, gated
+    def __init__(self, ffn_weights: list[dict], activation: str, gated: bool, threshold: float = 0.0):
+        if not is_sparse(activation):
+            raise UsageError(
+                f"the oracle selector needs a ReLU-family FFN ({', '.join(SPARSE)}); a {activation} neuron is never exactly zero"
+            )
+        self.w, self.gated, self.activation = ffn_weights, gated, activation
+        self.threshold = threshold if activation == "fatrelu" else 0.0
 
     def select(self, layer: int, x: mx.array) -> mx.array:
         w = self.w[layer]
         pre = x @ (w["gate"] if self.gated else w["up"]).T
         if not self.gated and "up_bias" in w:
             pre = pre + w["up_bias"]
-        return pre > 0
+        nonzero = pre > self.threshold
+        if self.activation in UP_ACTIVATED:  # dReLU: the up projection must be positive too
+            nonzero = nonzero & (x @ w["up"].T > 0)
+        return nonzero
 
 
 SKETCH_GROUP = 64
@@ -244,8 +251,8 @@ def activation_selector(bundle: Bundle, reader: FlashReader, density: float, bit
     """The gate and up rows read from the bundle (or their `bits`-bit sketches), selecting each token's
     top `density` share by |silu(gate . x) * (up . x)|."""
     spec = bundle.spec
-    if not spec.gated or spec.activation == "relu":
-        raise UsageError(f"{bundle.path}: the activation selector needs a gated (SwiGLU) FFN")
+    if not spec.gated or is_sparse(spec.activation):
+        raise UsageError(f"{bundle.path}: the activation selector needs a gated (SwiGLU, GeGLU) FFN")
     gates, ups = gate_rows(bundle, reader, ("gate", "up"))
     q = spec.quantization
     if bits is not None:
