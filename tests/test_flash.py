@@ -252,7 +252,7 @@ def test_a_gate_selector_too_dense_for_the_budget_becomes_top_k(bundles, tmp_pat
     plan, selector = model.flash.plan, model.flash.selector
     assert plan.capacity == 48 and selector.top_k == 48  # 90% of 128 neurons do not fit 48 rows: the top 48
     assert plan.density == 48 / 128 and plan.window == 1
-    fitted, blind = plan.note.split("; ")
+    fitted, blind = plan.note.split("; ", 1)
     assert fitted == "gate selector set to density 0.38 (trained at 0.90) to fit the budget"
     assert blind.startswith("no quality table in this bundle: density and window planned blind")
 
