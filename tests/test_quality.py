@@ -232,3 +232,18 @@ def test_a_budget_below_every_measured_point_names_the_smallest(calibrated):
         UsageError, match=r"is below the smallest measured operating point \(gate \(2-bit sketch\), density 0.25"
     ):
         mlxflash.load(calibrated, memory=least // 2)
+
+
+def test_merging_points_into_a_table(calibrated, tmp_path, shared_data):
+    from mlxflash.eval.quality import merged
+
+    path = _copy(calibrated, tmp_path)
+    before = Bundle.open(path).spec.quality
+    extra = Grid((("gate", 2),), (0.25, 0.75), (1,))  # one point re-measured, one new
+    calibrate_quality(path, shared_data / "tinyshakespeare.txt", 512, 64, 32, grid=extra, merge=True)
+    after = Bundle.open(path).spec.quality
+    assert len(after.points) == len(before.points) + 1
+    assert sum(p.density == 0.75 for p in after.points) == 1
+    other = QualityTable(before.points, before.dense_nll, {**before.measured_on, "tokens": 10})
+    with pytest.raises(UsageError, match="merge needs the same text, tokens and context"):
+        merged(other, after)

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality-selectors", type=_selectors, help="e.g. gate:2,activation:1,predictor (default: all)")
     p.add_argument("--quality-densities", type=_floats, help="e.g. 0.2,0.3,0.4 (default: 0.1 to 0.65)")
     p.add_argument("--quality-windows", type=_ints, help="e.g. 1,2,4 (default)")
+    p.add_argument(
+        "--quality-merge",
+        action="store_true",
+        help="add the points to the bundle's table (same tokens) instead of replacing it",
+    )
     args = p.parse_args(argv)
     reexec_with_openblas()  # Linux CPU: the dense passes over the text are BLAS-bound
     try:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quality_tokens:
             grid = grid_from(args, args.bundle)
             table = calibrate_quality(
-                args.bundle, args.text, args.tokens, args.quality_tokens, args.quality_context, grid
+                args.bundle, args.text, args.tokens, args.quality_tokens, args.quality_context, grid, args.quality_merge
             )
             print(f"wrote the quality table ({len(table.points)} points) into {args.bundle}/config.json")
     except MlxflashError as e:

@@ -179,9 +179,29 @@ def calibrate_quality(
     tokens: int = 512,
     context: int = 256,
     grid: Grid | None = None,
+    merge: bool = False,
 ) -> QualityTable:
-    """Measure the bundle's grid (default_grid) on the held-out calibration tokens and record the table."""
-    grid = grid or default_grid(Bundle.open(path, verify=False))
+    """Measure the bundle's grid (default_grid) on the held-out calibration tokens and record the table;
+    with `merge`, into the bundle's table (measured on the same tokens), re-measured points replaced."""
+    bundle = Bundle.open(path, verify=False)
+    grid = grid or default_grid(bundle)
     table = measure_quality(path, heldout_tokens(path, text, train_tokens, tokens), context, grid, Path(text).name)
+    if merge and bundle.spec.quality is not None:
+        table = merged(bundle.spec.quality, table)
     update_quality(Bundle.open(path, verify=False), table)
     return table
+
+
+def merged(old: QualityTable, new: QualityTable) -> QualityTable:
+    """`new`'s points added to `old`'s (the same held-out tokens, or the losses would not compare)."""
+    same = ("text", "tokens", "context")
+    if [old.measured_on.get(k) for k in same] != [new.measured_on.get(k) for k in same]:
+        raise UsageError(
+            f"quality table: measured on {old.measured_on}, the new points on {new.measured_on}; merge needs the same "
+            "text, tokens and context (measure the whole grid again instead)"
+        )
+    key = lambda p: (p.selector, p.gate_bits, p.density, p.window)  # noqa: E731
+    fresh = {key(p) for p in new.points}
+    seconds = old.measured_on.get("seconds", 0) + new.measured_on.get("seconds", 0)
+    points = [p for p in old.points if key(p) not in fresh] + new.points
+    return QualityTable(points, new.dense_nll, {**new.measured_on, "seconds": seconds})
