@@ -50,14 +50,18 @@ def format_curve(bundle: Bundle, curve: list[CurvePoint]) -> str:
         f"held-out tokens of {on.get('text') or 'calibration text'} (context {on.get('context')}; dense NLL "
         f"{table.dense_nll:.3f})"
     )
-    rows = ["| budget (MB) | share of model | operating point | expected perplexity | MB read per token |"]
-    rows.append("|---|---|---|---|---|")
+    rows = [
+        "| budget (MB) | share of model | operating point | expected perplexity | NLL increase (% of dense NLL) "
+        "| MB read per token |"
+    ]
+    rows.append("|---|---|---|---|---|---|")
     for c in curve:
         what = c.point.describe() if c.point else "resident (the whole model)"
         loss = f"{100 * c.perplexity_increase:+.1f}%" + (f" ± {_se_pct(c)}" if c.point else "")
+        relative = 100 * (c.point.nll_increase if c.point else 0.0) / table.dense_nll
         rows.append(
             f"| {c.budget_bytes / 1e6:.0f} | {100 * c.budget_bytes / c.model_bytes:.0f}% | {what} | {loss} | "
-            f"{c.bytes_per_token / 1e6:.1f} |"
+            f"{relative:+.1f}% | {c.bytes_per_token / 1e6:.1f} |"
         )
     return "\n".join([head, *rows])
 
@@ -77,6 +81,7 @@ def curve_json(c: CurvePoint) -> dict:
         "density": point.density if point else 1.0,
         "window": point.window if point else None,
         "expected_nll_increase": point.nll_increase if point else 0.0,
+        "expected_nll_increase_se": point.nll_increase_se if point else 0.0,
         "expected_perplexity_increase": c.perplexity_increase,
         "bytes_per_token": c.bytes_per_token,
     }
