@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -27,12 +28,20 @@ GRID = Grid((("gate", None), ("activation", None), ("gate", 2)), (0.25, 0.5, 1.0
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, shared_data):
+def text(tmp_path_factory):
+    """Calibration text that needs no shared data: this package's own source (the byte tokenizer reads any text)."""
+    path = tmp_path_factory.mktemp("text") / "source.txt"
+    path.write_text("\n".join(p.read_text() for p in sorted(Path(mlxflash.__file__).parent.rglob("*.py"))[:20]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, text):
     """A tiny 4-bit rows-layout bundle with a measured quality table; its FFN is most of it, as in real models."""
     root = tmp_path_factory.mktemp("quality")
     src = make_hf_dir(root / "src", {"intermediate_size": 4096})
     path = mlxflash.convert(src, root / "b", bits=4, group_size=32, progress=False, layout="rows")
-    calibrate_quality(path, shared_data / "tinyshakespeare.txt", train_tokens=512, tokens=64, context=32, grid=GRID)
+    calibrate_quality(path, text, train_tokens=512, tokens=64, context=32, grid=GRID)
     return path
 
 
@@ -128,12 +137,12 @@ def test_max_loss_no_budget_meets(calibrated, tmp_path):
     model.flash.close()
 
 
-def test_a_bundle_without_a_table_plans_blind_and_says_how_to_calibrate(tmp_path, shared_data):
+def test_a_bundle_without_a_table_plans_blind_and_says_how_to_calibrate(tmp_path, text):
     from mlxflash.runtime.train import calibrate_gate
 
     path = mlxflash.convert(make_hf_dir(tmp_path / "src", {"intermediate_size": 4096}), tmp_path / "b", progress=False)
 
-    calibrate_gate(path, shared_data / "tinyshakespeare.txt", tokens=512, context=64)
+    calibrate_gate(path, text, tokens=512, context=64)
     model, _ = mlxflash.load(path, memory="80%")
     try:
         note = model.flash.plan.note
@@ -197,11 +206,11 @@ def test_a_malformed_table_is_refused_at_load(calibrated, tmp_path):
         Bundle.open(path, verify=False)
 
 
-def test_new_selectors_drop_the_table(calibrated, tmp_path, shared_data):
+def test_new_selectors_drop_the_table(calibrated, tmp_path, text):
     from mlxflash.runtime.train import calibrate_gate
 
     path = _copy(calibrated, tmp_path)
-    calibrate_gate(path, shared_data / "tinyshakespeare.txt", tokens=512, context=64)
+    calibrate_gate(path, text, tokens=512, context=64)
     assert Bundle.open(path).spec.quality is None
 
 
@@ -234,13 +243,13 @@ def test_a_budget_below_every_measured_point_names_the_smallest(calibrated):
         mlxflash.load(calibrated, memory=least // 2)
 
 
-def test_merging_points_into_a_table(calibrated, tmp_path, shared_data):
+def test_merging_points_into_a_table(calibrated, tmp_path, text):
     from mlxflash.eval.quality import merged
 
     path = _copy(calibrated, tmp_path)
     before = Bundle.open(path).spec.quality
     extra = Grid((("gate", 2),), (0.25, 0.75), (1,))  # one point re-measured, one new
-    calibrate_quality(path, shared_data / "tinyshakespeare.txt", 512, 64, 32, grid=extra, merge=True)
+    calibrate_quality(path, text, 512, 64, 32, grid=extra, merge=True)
     after = Bundle.open(path).spec.quality
     assert len(after.points) == len(before.points) + 1
     assert sum(p.density == 0.75 for p in after.points) == 1
