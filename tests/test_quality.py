@@ -95,6 +95,9 @@ def test_the_planner_picks_the_least_expected_loss_that_fits(calibrated):
             assert chosen.planned_bytes <= budget and chosen.window == chosen.expected.window
             assert chosen.selector == chosen.expected.selector
             assert "expected (quality table)" in chosen.describe()
+            if chosen.window == 1:  # top-k fills the rows the budget leaves over
+                assert chosen.density >= chosen.expected.density
+                assert model.flash.selector.top_k == min(chosen.capacity, round(chosen.density * chosen.neurons))
         finally:
             model.flash.close()
 

@@ -340,8 +340,14 @@ def _plan_from_table(
     best = min(fits, key=lambda p: (p.nll_increase, p.loaded))
     selector = make_selector(bundle, reader, weights, best.selector, best.density, best.gate_bits)
     fitted = _size_flash(bundle, budget, selector, best.window, reader)
-    fitted.expected = best
-    fitted.note = f"the least expected loss of the {len(fits)} of {len(table.points)} measured points that fit"
+    note = f"the least expected loss of the {len(fits)} of {len(table.points)} measured points that fit"
+    fill = fitted.capacity / fitted.neurons
+    if best.window == 1 and isinstance(selector, GateSelector) and fill > best.density:
+        # top-k with one token's neurons cached: the rows the budget leaves over select more, never less well
+        selector = selector.at_density(bundle.spec.selector, fill)
+        fitted = _size_flash(bundle, budget, selector, best.window, reader)
+        note += f"; density raised from the measured {best.density:.2f} to {fill:.2f} to fill the cache (expected loss: at most the measured)"
+    fitted.expected, fitted.note = best, note
     return selector, fitted
 
 
