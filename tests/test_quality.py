@@ -91,7 +91,9 @@ def test_the_planner_picks_the_least_expected_loss_that_fits(calibrated):
         model, _ = mlxflash.load(calibrated, mode="flash", memory=budget)
         try:
             chosen = model.flash.plan
-            assert chosen.expected == _fitting_best(bundle, budget, model.flash.reader)
+            base = _fitting_best(bundle, budget, model.flash.reader)  # the point chosen, before filling the cache
+            key = lambda p: (p.selector, p.gate_bits, p.window)  # noqa: E731
+            assert key(chosen.expected) == key(base) and chosen.expected.density >= base.density
             assert chosen.planned_bytes <= budget and chosen.window == chosen.expected.window
             assert chosen.selector == chosen.expected.selector
             assert "expected (quality table)" in chosen.describe()
@@ -259,3 +261,16 @@ def test_merging_points_into_a_table(calibrated, tmp_path, text):
     other = QualityTable(before.points, before.dense_nll, {**before.measured_on, "tokens": 10})
     with pytest.raises(UsageError, match="merge needs the same text, tokens and context"):
         merged(other, after)
+
+
+def test_a_filled_point_interpolates_towards_the_next_measured_density():
+    from mlxflash.runtime.planner import interpolated
+
+    def point(density, nll):
+        return OperatingPoint("gate", 2, density, 1, density, 100, nll, 0.01, density / 2)
+
+    table = QualityTable([point(0.2, 1.0), point(0.4, 0.5), point(0.6, 0.1)], 3.0)
+    mid = interpolated(table, table.points[0], 0.3)
+    assert mid.density == 0.3 and mid.nll_increase == pytest.approx(0.75) and mid.loaded == pytest.approx(0.15)
+    top = interpolated(table, table.points[2], 0.7)  # nothing denser measured: the point's own loss bounds it
+    assert top.density == 0.7 and top.nll_increase == 0.1

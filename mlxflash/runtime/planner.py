@@ -346,7 +346,8 @@ def _plan_from_table(
         # top-k with one token's neurons cached: the rows the budget leaves over select more, never less well
         selector = selector.at_density(bundle.spec.selector, fill)
         fitted = _size_flash(bundle, budget, selector, best.window, reader)
-        note += f"; density raised from the measured {best.density:.2f} to {fill:.2f} to fill the cache (expected loss: at most the measured)"
+        note += f"; density raised from the measured {best.density:.2f} to {fill:.2f} to fill the cache"
+        best = interpolated(table, best, fill)
     fitted.expected, fitted.note = best, note
     return selector, fitted
 
@@ -383,6 +384,29 @@ def quality_curve(bundle: Bundle, reader: FlashReader) -> list[CurvePoint]:
             curve.append(CurvePoint(cost, total, p, int(p.loaded * per_neuron)))
             best = p.nll_increase
     return [*curve, CurvePoint(total, total, None, 0)]
+
+
+def interpolated(table: QualityTable, point: OperatingPoint, density: float) -> OperatingPoint:
+    """`point` run at a higher `density`: its loss and reads interpolated linearly in density towards the
+    next denser measured point of the same selector, bits and window (none: the point's own, a bound)."""
+    same = [
+        p
+        for p in table.points
+        if (p.selector, p.gate_bits, p.window) == (point.selector, point.gate_bits, point.window)
+        and p.density > point.density
+    ]
+    if not same:
+        return replace(point, density=density)
+    upper = min(same, key=lambda p: p.density)
+    t = min(1.0, (density - point.density) / (upper.density - point.density))
+    mix = lambda a, b: a + t * (b - a)  # noqa: E731
+    return replace(
+        point,
+        density=density,
+        nll_increase=mix(point.nll_increase, upper.nll_increase),
+        nll_increase_se=mix(point.nll_increase_se, upper.nll_increase_se),
+        loaded=mix(point.loaded, upper.loaded),
+    )
 
 
 def parse_loss(text: str | float) -> float:
