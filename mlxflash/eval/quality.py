@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch.activations import is_sparse
 from ..errors import UsageError
 from ..format.bundle import Bundle, update_quality
 from ..format.quality_record import OperatingPoint, QualityTable
@@ -61,7 +60,7 @@ def default_grid(bundle: Bundle) -> Grid:
     selectors: list[tuple[str, int | None]] = []
     if record is not None and record.predictor_threshold and record.score_quantiles:
         selectors.append(("predictor", None))
-    if spec.gated and not is_sparse(spec.activation):
+    if spec.smooth_gated:
         selectors += [("gate", 2), ("activation", 2)]
     if not selectors:
         raise UsageError(

@@ -66,6 +66,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..arch.activations import is_sparse
 from ..errors import BundleError, ConvertError
 from .checksums import CONFIG_DIGEST, config_digest, sha256_file, with_digest
 from .quality_record import QualityTable
@@ -214,6 +215,12 @@ class FFNSpec:
     activation_threshold: float = 0.0  # fatrelu's t (arch/activations.py)
     alignment: int = ALIGNMENT
     format_version: int = FORMAT_VERSION
+
+    @property
+    def smooth_gated(self) -> bool:
+        """A gated FFN whose activation is never exactly zero (SwiGLU, GeGLU): the gate and activation
+        selectors apply; a ReLU-family one has a non-zero set its predictor learns instead."""
+        return self.gated and not is_sparse(self.activation)
 
     def block_bytes(self, layer: int) -> int:
         return self.layers[layer].neurons * self.record.nbytes
@@ -543,7 +550,7 @@ def update_resident(bundle: Bundle, extra: dict[str, mx.array], selector: Select
         spec = bundle.spec
         spec.selector, spec.quality = selector, None
         spec.files[RESIDENT_FILE] = {"bytes": tmp_res.stat().st_size, "sha256": sha256_file(tmp_res)}
-        tmp_cfg.write_text(json.dumps(with_digest({**bundle.config, "flash": spec.to_json()}), indent=2) + "\n")
+        _write_config(bundle, tmp_cfg)
         os.replace(tmp_res, bundle.path / RESIDENT_FILE)
         os.replace(tmp_cfg, bundle.path / CONFIG_FILE)
     finally:
@@ -556,7 +563,12 @@ def update_quality(bundle: Bundle, table: QualityTable) -> None:
     tmp_cfg = bundle.path / f".{CONFIG_FILE}.tmp"
     try:
         bundle.spec.quality = table
-        tmp_cfg.write_text(json.dumps(with_digest({**bundle.config, "flash": bundle.spec.to_json()}), indent=2) + "\n")
+        _write_config(bundle, tmp_cfg)
         os.replace(tmp_cfg, bundle.path / CONFIG_FILE)
     finally:
         tmp_cfg.unlink(missing_ok=True)
+
+
+def _write_config(bundle: Bundle, path: Path) -> None:
+    """The bundle's config with its current flash section and a fresh digest, written to `path`."""
+    path.write_text(json.dumps(with_digest({**bundle.config, "flash": bundle.spec.to_json()}), indent=2) + "\n")

@@ -260,11 +260,12 @@ def plan(
         if chosen is not None:
             return chosen
         if bundle.spec.selector is None:  # nothing to plan blind with
-            least = min(table.points, key=lambda p: point_bytes(bundle, p, reader, budget.kv_bytes))
+            cost, least = min(
+                ((point_bytes(bundle, p, reader, budget.kv_bytes), p) for p in table.points), key=lambda c: c[0]
+            )
             raise UsageError(
                 f"--memory {_mb(budget.bytes)} is below the smallest measured operating point ({least.describe()}, "
-                f"{_mb(point_bytes(bundle, least, reader, budget.kv_bytes))}); give more memory, or choose "
-                "--selector and --density to run unmeasured"
+                f"{_mb(cost)}); give more memory, or choose --selector and --density to run unmeasured"
             )
     selector = make_selector(bundle, reader, weights, request.selector, request.density, request.gate_bits)
     try:
@@ -376,12 +377,13 @@ def quality_curve(bundle: Bundle, reader: FlashReader) -> list[CurvePoint]:
             f"`python tools/train_predictors.py {bundle.path} --text FILE`"
         )
     spec, total = bundle.spec, model_bytes(bundle)
-    per_neuron = bundle.num_layers * spec.intermediate_size * spec.record.nbytes
+    all_records = bundle.num_layers * spec.intermediate_size * spec.record.nbytes  # what `loaded` is a share of
     curve, best = [], math.inf
-    for p in sorted(table.points, key=lambda p: (point_bytes(bundle, p, reader), p.nll_increase)):
-        cost = point_bytes(bundle, p, reader)
+    costed = sorted((point_bytes(bundle, p, reader), p.nll_increase, i) for i, p in enumerate(table.points))
+    for cost, _, i in costed:
+        p = table.points[i]
         if p.nll_increase < best and cost < total:
-            curve.append(CurvePoint(cost, total, p, int(p.loaded * per_neuron)))
+            curve.append(CurvePoint(cost, total, p, int(p.loaded * all_records)))
             best = p.nll_increase
     return [*curve, CurvePoint(total, total, None, 0)]
 

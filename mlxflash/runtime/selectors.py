@@ -115,15 +115,16 @@ class GateSelector(Selector):
         n = self.gates[0][0].shape[0]
         return GateSelector(self.gates, self.q, None, top_k=max(1, int(round(density * n))))
 
-    def magnitude(self, layer: int, x: mx.array) -> mx.array:
-        """|silu(gate . x)| for every neuron: (T, n)."""
-        g = self.gates[layer]
+    def _project(self, x: mx.array, rows: tuple, part: str) -> mx.array:
+        """x (T, d) @ the kept gate (or up) rows: (T, n)."""
         if self.q:
             # many rows (masked evaluation): dequantize + BLAS on the CPU, not MLX's per-row CPU kernel
-            gate = quantized_matmul(x, *g, **self.q["gate"])
-        else:
-            gate = x @ g[0].T
-        return mx.abs(nn.silu(gate))
+            return quantized_matmul(x, *rows, **self.q[part])
+        return x @ rows[0].T
+
+    def magnitude(self, layer: int, x: mx.array) -> mx.array:
+        """|silu(gate . x)| for every neuron: (T, n)."""
+        return mx.abs(nn.silu(self._project(x, self.gates[layer], "gate")))
 
     def select(self, layer: int, x: mx.array) -> mx.array:
         m = self.magnitude(layer, x)
@@ -152,12 +153,7 @@ class ActivationSelector(GateSelector):
 
     def magnitude(self, layer: int, x: mx.array) -> mx.array:
         """|silu(gate . x) * (up . x)| for every neuron: (T, n)."""
-        g, u = self.gates[layer], self.ups[layer]
-        if self.q:
-            gate = quantized_matmul(x, *g, **self.q["gate"])
-            up = quantized_matmul(x, *u, **self.q["up"])
-        else:
-            gate, up = x @ g[0].T, x @ u[0].T
+        gate, up = self._project(x, self.gates[layer], "gate"), self._project(x, self.ups[layer], "up")
         return mx.abs(nn.silu(gate) * up)
 
 
@@ -251,7 +247,7 @@ def activation_selector(bundle: Bundle, reader: FlashReader, density: float, bit
     """The gate and up rows read from the bundle (or their `bits`-bit sketches), selecting each token's
     top `density` share by |silu(gate . x) * (up . x)|."""
     spec = bundle.spec
-    if not spec.gated or is_sparse(spec.activation):
+    if not spec.smooth_gated:
         raise UsageError(f"{bundle.path}: the activation selector needs a gated (SwiGLU, GeGLU) FFN")
     gates, ups = gate_rows(bundle, reader, ("gate", "up"))
     q = spec.quantization

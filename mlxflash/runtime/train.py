@@ -24,7 +24,6 @@ import mlx.optimizers as optim
 import numpy as np
 from tqdm import tqdm
 
-from ..arch.activations import is_sparse
 from ..errors import UsageError
 from ..format.bundle import Bundle, update_resident
 from ..format.selector_record import SelectionStats, SelectorRecord
@@ -214,12 +213,12 @@ def train_predictors(
         raise UsageError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     bundle = Bundle.open(bundle_path)
     spec = bundle.spec
-    if selector == "gate" and not (spec.gated and not is_sparse(spec.activation)):
+    if selector == "gate" and not spec.smooth_gated:
         raise UsageError(f"{bundle_path}: --selector gate needs a gated (SwiGLU) FFN")
     rank = rank or default_rank(spec.hidden_size)
     model, tokenizer = load_model(bundle_path, mode=mode, verify=False)
     ids = tokenize_text(tokenizer, Path(text), tokens)
-    gated = spec.gated and not is_sparse(spec.activation)
+    gated = spec.smooth_gated
     t0 = time.perf_counter()
     context = min(context, bundle.config.get("max_position_embeddings") or context)
     inputs, signals, gate_signals = collect(model, ids, gated, context, activation=target == "activation")
@@ -293,7 +292,7 @@ def calibrate_gate(
         raise UsageError(f"--density {density}: must be within (0, 1]")
     bundle = Bundle.open(bundle_path)
     spec = bundle.spec
-    if not (spec.gated and not is_sparse(spec.activation)):
+    if not spec.smooth_gated:
         raise UsageError(f"{bundle_path}: the gate selector needs a gated (SwiGLU) FFN")
     model, tokenizer = load_model(bundle_path, mode="resident", verify=False)
     ids = tokenize_text(tokenizer, Path(text), tokens)
