@@ -23,7 +23,17 @@ from mlxflash.format.moe import MoEBundle, read_experts
 from mlxflash.runtime.experts import ExpertIndex, replay
 from mlxflash.runtime.moe import record_routes
 from mlxflash.runtime.report import load_report
-from mlxflash.runtime.routing import generate_routing, reuse_stats, share_any
+from mlxflash.runtime.routing import (
+    PROFILES,
+    QWEN3_TARGETS,
+    RoutingProfile,
+    generate_routing,
+    profile_for,
+    reuse_stats,
+    reuse_within,
+    share_any,
+)
+from mlxflash.runtime.traces import Trace
 
 COMMON = {
     "hidden_size": 64,
@@ -251,8 +261,26 @@ def test_routing_generator_matches_its_published_calibration():
     assert stats["share_any"] == pytest.approx(0.62, abs=0.04)
     assert stats["hit_rate"]["lru"][8] > 0.95  # all experts cached: only the first misses
     assert stats["hit_rate"]["lru"][2] < stats["hit_rate"]["lru"][4] < stats["hit_rate"]["lru"][8]
-    independent = reuse_stats(generate_routing(8, 2, 4, 600, persistence=0.0, seed=1))
+    independent = reuse_stats(generate_routing(8, 2, 4, 600, RoutingProfile("independent", 0.0, 0.0, ""), seed=1))
     assert independent["share_any"] == pytest.approx(0.464, abs=0.04)
+
+
+def test_qwen3_profile_reproduces_the_published_qwen3_traces():
+    """Fitted to imp #1359 (45% reused from the previous token, 80% within 8); checked against colibri
+    #698 (LRU, 24 of 128 slots: 0.73), which it was not fitted to."""
+    profile = profile_for("qwen3_moe")
+    trace = generate_routing(128, 8, 4, 512, profile, seed=3)
+    assert reuse_within(trace, 1) == pytest.approx(QWEN3_TARGETS["reuse_prev"], rel=0.1)
+    assert reuse_within(trace, 8) == pytest.approx(QWEN3_TARGETS["reuse_within8"], rel=0.1)
+    assert reuse_stats(trace, [24], ["lru"])["hit_rate"]["lru"][24] == pytest.approx(0.73, abs=0.05)
+    assert profile_for("qwen2_moe") is PROFILES["mixtral"]  # no published statistics: the low-reuse one
+
+
+def test_reuse_within_counts_the_window():
+    # layer 0 routes 0,1 | 1,2 | 3,4 | 0,5: token 1 reuses 1 (of 2), token 2 none, token 3 reuses 0 (3 back)
+    trace = Trace.from_selections([[np.array(s)] for s in ([0, 1], [1, 2], [3, 4], [0, 5])], [6])
+    assert reuse_within(trace, 1) == pytest.approx(1 / 6)
+    assert reuse_within(trace, 3) == pytest.approx(1 / 2)  # from token 3 on: 0 was routed at token 0
 
 
 def test_recorded_routing_is_the_routers_choice(case):

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Per-token latency of a mixture-of-experts bundle's routed experts under a memory budget, mode by mode.
 
-    python tools/bench_moe.py BUNDLE --memory 25% [--modes naive,mmap,flash] [--tokens 6] [--warmup 2]
+    python tools/bench_moe.py BUNDLE --memory 25% [--modes naive,mmap,flash] [--tokens 12] [--warmup 24]
                               [--trace synthetic|FILE] [--policy lru] [--json PATH]
     (tools/bench.py BUNDLE ... dispatches here for MoE bundles)
 
 What is measured. Each mode runs in its own process. Per token and MoE layer the experts' input is a
 fixed random vector (float32) and the routed experts come from the routing trace (--trace: the
-synthetic generator of mlxflash.runtime.routing, whose parameters come from the Mixtral paper's
-routing statistics, or a trace recorded with tools/record_routing.py); the mode gets the experts'
+synthetic generator of mlxflash.runtime.routing with the bundle family's profile, fitted to published
+routing statistics of that family, or a trace recorded with tools/record_routing.py); the mode gets the experts'
 weights (I/O) and computes them (mlx-lm's gather_mm / gather_qmm). Attention, router and LM head cost
 the same in every mode: each process times layer 0's attention projections and router (times the
 layers) plus the head, and the median of those over the modes is added to every mode.
@@ -21,7 +21,10 @@ Modes:
          bytes are /proc/self/io). This process loads no resident weights, so the whole cap is page cache
          (in its favour). Needs root and a cgroup memory controller; else skipped.
   flash  the runtime's flash mode (`mlxflash.load(..., mode="flash", memory=...)`): an expert cache
-         per layer with the planner's slots and --policy.
+         per layer with the planner's slots and --policy; the cached experts compute while the
+         missing ones are read.
+  resident  (not in the default list) every expert in DRAM, outside the budget: no I/O, the floor
+         any streaming mode can reach on this machine (attention, head and the experts' compute).
 
 Budget. --memory is a share of the model or a size. A synthetic bundle written with --layers N records
 the real depth; the budget is resolved for the full model and scaled per layer (embeddings and head
@@ -53,11 +56,12 @@ from mlxflash.runtime.experts import ExpertSlots, switch_glu
 from mlxflash.runtime.moe_plan import PROMPT_SHARE
 from mlxflash.runtime.planner import parse_memory
 from mlxflash.runtime.reader import SCRATCH_BYTES
-from mlxflash.runtime.routing import generate_routing, reuse_stats
+from mlxflash.runtime.routing import PROFILES, generate_routing, profile_for, reuse_stats
 from mlxflash.runtime.stats import current_rss_bytes, peak_rss_bytes
 from mlxflash.runtime.traces import Trace, trace_layer
 
-MODES = ("naive", "mmap", "flash")
+MODES = ("naive", "mmap", "flash", "resident")
+DEFAULT_MODES = ("naive", "mmap", "flash")
 RESULT_TAG = "BENCH-MOE-RESULT "
 STATS_TOKENS = 256  # routing tokens the reuse statistics and policy hit rates are computed over
 
@@ -121,8 +125,11 @@ class ModeResult:
 
 def load_trace(spec: str, bundle: MoEBundle, tokens: int, seed: int) -> Trace:
     s = bundle.spec
-    if spec == "synthetic":
-        return generate_routing(s.num_experts, s.top_k, len(s.layers), tokens, seed=seed)
+    if spec.startswith("synthetic"):  # "synthetic" (the bundle family's profile) or "synthetic:PROFILE"
+        name = spec.partition(":")[2] or bundle.config.get("model_type")
+        if name and ":" in spec and name not in PROFILES:
+            raise SystemExit(f"--trace {spec}: unknown routing profile {name!r}; known: {', '.join(PROFILES)}")
+        return generate_routing(s.num_experts, s.top_k, len(s.layers), tokens, profile_for(name), seed=seed)
     trace = Trace.load(spec)
     if trace.widths[0] != s.num_experts:
         raise SystemExit(f"{spec}: a trace of {trace.widths[0]} experts; this bundle has {s.num_experts}")
@@ -157,8 +164,9 @@ class RuntimeDriver:
     """naive and flash: the runtime's own StreamingExperts modules, fed the trace's routing."""
 
     def __init__(self, mode: str, bundle: MoEBundle, budget: MoEBudget, trace: Trace, args):
+        memory = None if mode == "resident" else int(budget.budget)  # resident: the floor, outside the budget
         self.model, _ = mlxflash.load(
-            bundle.path, mode=mode, memory=int(budget.budget), policy=args.policy, threads=args.threads, verify=False
+            bundle.path, mode=mode, memory=memory, policy=args.policy, threads=args.threads, verify=False
         )
         self.rt = self.model.flash
         self.modules = self.rt.experts
@@ -331,12 +339,17 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
     p.add_argument("--memory", default="25%")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--tokens", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma list of " + ", ".join(MODES))
+    p.add_argument("--tokens", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=24, help="tokens before timing: the expert caches fill")
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--policy", default="lru", choices=["lru", "lfu"])
-    p.add_argument("--trace", default="synthetic", help="'synthetic' (routing generator) or a routing trace .npz")
+    p.add_argument(
+        "--trace",
+        default="synthetic",
+        help="'synthetic' (the routing generator, the bundle family's profile), 'synthetic:PROFILE' "
+        f"({', '.join(PROFILES)}) or a routing trace .npz",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mmap-overhead", type=float, default=256 * 2**20, help="bytes added to the mmap cap")
     p.add_argument("--json", type=Path)
@@ -370,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens {args.tokens} (+{args.warmup} warm-up), medians; BLAS {blas_in_use()}; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; common attention+router {attn:.0f} ms and LM head {head:.0f} ms added to every mode\n"
         f"trace {trace.meta.get('source', args.trace)} ({reuse['tokens']} tokens x {reuse['layers']} layers): reuse from the previous token {reuse['reuse_prev']:.2f} of its "
-        f"experts, shares >= 1 expert {reuse['share_any']:.2f}; hit rates by slots: "
+        f"experts, from the previous 8 {reuse['reuse_within8']:.2f}, shares >= 1 expert {reuse['share_any']:.2f}; hit rates by slots: "
         + "; ".join(f"{p} " + ", ".join(f"{s}: {h:.2f}" for s, h in hr.items()) for p, hr in reuse["hit_rate"].items())
     )
     print("\n" + table(results, budget))

@@ -5,7 +5,7 @@ the prompt buffer (a slice of a layer's experts read sequentially; shared by all
 reader threads' scratch. The rest is the expert cache, the same number of slots in every MoE layer
 (the router picks top-k in every layer alike). Expected hit rate: the eviction policy replayed on a
 routing trace at that slot count (a recorded one when given, else the synthetic generator of
-routing.py, and the plan says which); bytes per token follow, and the cost model turns them into
+routing.py with the bundle family's profile, and the plan says which); bytes per token follow, and the cost model turns them into
 seconds of I/O on the measured disk.
 """
 
@@ -18,11 +18,11 @@ from ..errors import UsageError
 from ..format.moe import MoEBundle
 from .costmodel import DiskCurve, predict_io_seconds
 from .reader import SPLIT_BYTES
-from .routing import generate_routing, reuse_stats
+from .routing import RoutingProfile, generate_routing, profile_for, reuse_stats
 from .traces import Trace
 
 PROMPT_SHARE = 8  # the prompt buffer holds an eighth of a layer's experts (as the dense prompt path)
-PLAN_TOKENS = 96  # synthetic routing tokens replayed for the expected hit rate
+PLAN_TOKENS = 256  # synthetic routing tokens replayed for the expected hit rate (past the cache's warm-up)
 
 
 def _mb(n: float) -> str:
@@ -120,11 +120,12 @@ def plan_moe(
         if plan.slots < k:
             plan.note = f"fewer slots ({plan.slots}) than routed experts ({k}): tokens compute their experts in rounds"
     plan.prompt_buffer_bytes = plan.prompt_slots * R + scratch
-    _expect(plan, trace, threads, curve or DiskCurve.load_or_default())
+    profile = profile_for(bundle.config.get("model_type"))
+    _expect(plan, trace, threads, curve or DiskCurve.load_or_default(), profile)
     return plan
 
 
-def _expect(plan: MoEPlan, trace: Trace | None, threads: int, curve: DiskCurve) -> None:
+def _expect(plan: MoEPlan, trace: Trace | None, threads: int, curve: DiskCurve, profile: RoutingProfile) -> None:
     """Expected hit rate (the policy replayed on a trace), bytes and I/O seconds per token."""
     if plan.mode == "resident":
         plan.expected_hit_rate, plan.hit_source = 1.0, "every expert resident"
@@ -132,8 +133,8 @@ def _expect(plan: MoEPlan, trace: Trace | None, threads: int, curve: DiskCurve) 
         plan.expected_hit_rate, plan.hit_source = 0.0, "no cache"
     else:
         if trace is None:
-            trace = generate_routing(plan.experts, plan.top_k, min(plan.layers, 4), PLAN_TOKENS)
-            plan.hit_source = "synthetic routing, mlxflash.runtime.routing"
+            trace = generate_routing(plan.experts, plan.top_k, min(plan.layers, 4), PLAN_TOKENS, profile)
+            plan.hit_source = f"synthetic routing, {profile.name} profile"
         else:
             plan.hit_source = f"trace {trace.meta.get('source', '?')}"
         stats = reuse_stats(trace, [plan.slots], [plan.policy])
