@@ -6,7 +6,7 @@ per layer (one evaluation of the top-k indices), then:
 
 - decode (one token): the routed experts missing from the layer's `ExpertSlots` cache are read
   (all in flight at once) into the slots the policy frees, and mlx-lm's gather_mm / gather_qmm run on
-  the slot indices. When the cache has fewer slots than the token's experts, they are computed in
+  the slot indices; the cached experts compute (asynchronously) while the missing ones are read. When the cache has fewer slots than the token's experts, they are computed in
   rounds of at most `slots` experts (each round evaluated before its slots are reused).
 - prompt (many tokens touch most experts): the layer's block is read sequentially in slices of
   `prompt_slots` experts into a buffer shared by all layers; each slice computes the (token, expert)
@@ -70,6 +70,8 @@ class StreamingExperts(nn.Module):
         index, xe = self._index, mx.expand_dims(x, (-2, -3))  # (..., 1, 1, d) as SwitchGLU
         index.begin_token()
         groups = index.rounds(np.unique(inds))
+        if len(groups) == 1 and inds.size == inds.shape[-1]:  # one token whose experts all fit
+            return self._decode_overlapped(xe, inds, groups[0])
         y = None
         for group in groups:
             if y is not None:
@@ -86,6 +88,33 @@ class StreamingExperts(nn.Module):
         self._stats.selected += inds.size
         self._stats.computed += inds.size
         return y.squeeze(-2)
+
+    def _decode_overlapped(self, xe: mx.array, inds: np.ndarray, group: np.ndarray) -> mx.array:
+        """The cached experts compute while the missing ones are read (into slots the cached ones do
+        not use); each expert's output is the same as computing all k at once."""
+        index, k = self._index, inds.shape[-1]
+        cached = index.slot_of[inds.reshape(-1)] >= 0  # (k,) before admit moves anything
+        loads = index.admit(group)
+        slot = index.slot_of[inds.reshape(-1)].astype(np.uint32)
+        order = np.concatenate([np.flatnonzero(cached), np.flatnonzero(~cached)])
+        parts = []
+        if cached.any():
+            parts.append(self._experts(xe, slot[cached], inds.shape))
+            mx.async_eval(parts[0])
+        self._slots.read(self._reader, self._offset, loads)
+        if not cached.all():
+            parts.append(self._experts(xe, slot[~cached], inds.shape))
+        self._stats.loaded += len(loads)
+        self._stats.selected += k
+        self._stats.computed += k
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-3)  # (..., k, 1, d) in `order`
+        if len(parts) > 1:
+            y = mx.take(y, mx.array(np.argsort(order).astype(np.uint32)), axis=-3)
+        return y.squeeze(-2)
+
+    def _experts(self, xe: mx.array, slots: np.ndarray, shape: tuple[int, ...]) -> mx.array:
+        idx = mx.array(slots.reshape(*shape[:-1], len(slots)))  # (..., n) slot indices
+        return switch_glu(xe, self._slots.fields, idx, self._q)  # (..., n, 1, d)
 
     def _prompt(self, x: mx.array, inds: np.ndarray) -> mx.array:
         """Slices of experts read in order; each computes the (token, expert) pairs routed to it."""
