@@ -22,7 +22,15 @@ from gguf import GGUFReader, ReaderTensor
 from ..errors import ConvertError
 from . import gguf_blocks as blocks
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
+ARCHITECTURES = {
+    "llama": "llama",  # "mixtral" when it has experts (llama.cpp writes Mixtral as llama)
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+}
 _TENSOR_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -44,8 +52,26 @@ _GEMMA3_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+
+
+def _moe_names(moe: str) -> dict[str, str]:
+    """Routed experts (stacked, as mlx-lm's SwitchGLU holds them), router and shared expert under `moe`
+    (mlx-lm's name of the MoE block: "mlp", or Mixtral's "block_sparse_moe")."""
+    return {
+        "ffn_gate_inp": f"{moe}.gate",
+        "ffn_gate_exps": f"{moe}.switch_mlp.gate_proj",
+        "ffn_up_exps": f"{moe}.switch_mlp.up_proj",
+        "ffn_down_exps": f"{moe}.switch_mlp.down_proj",
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+        "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp": "mlp.shared_expert.up_proj",
+        "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    }
+
+
 _UNUSED = ("rope_freqs", "rope_factors_long", "rope_factors_short")  # read into the config, not weights
 FFN_ROLES = ("ffn_gate", "ffn_up", "ffn_down")
+EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # one record format per role in an MoE bundle
 
 
 @dataclass
@@ -111,14 +137,14 @@ def _targets(tensors: list[ReaderTensor], bits: int | None) -> dict[str, int | N
     for t in tensors:
         role = _role(t.name)
         quantized = [b for b in per_role.get(role, []) if b is not None]
-        if role and quantized and len(_rows_cols(t)[0]) == 1:
+        if role and quantized and len(_rows_cols(t)[0]) >= 1:  # matrices (and stacked experts), not biases
             target[t.name] = max(quantized)
     return target
 
 
 def _role(name: str) -> str | None:
     parts = name.split(".")
-    return parts[2] if parts[0] == "blk" and len(parts) > 2 and parts[2] in FFN_ROLES else None
+    return parts[2] if parts[0] == "blk" and len(parts) > 2 and parts[2] in FFN_ROLES + EXPERT_ROLES else None
 
 
 def _map_tensor(t: ReaderTensor, bits: int | None, scale_dtype, report: dict) -> dict[str, mx.array]:
@@ -237,7 +263,7 @@ def hf_config(md: dict, weights: dict[str, mx.array], path: Path) -> dict:
         "model_type": ARCHITECTURES[arch],
         "hidden_size": hidden,
         "num_hidden_layers": key("block_count"),
-        "intermediate_size": key("feed_forward_length"),
+        "intermediate_size": md.get(f"{arch}.feed_forward_length") or key("expert_feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
         "head_dim": key("attention.key_length", hidden // heads),
@@ -252,13 +278,34 @@ def hf_config(md: dict, weights: dict[str, mx.array], path: Path) -> dict:
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
     }
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen2moe"):
         config["attention_bias"] = True
+    if md.get(f"{arch}.expert_count"):
+        config.update(_moe_config(arch, md, config, key))
     if arch == "gemma3":
         config.update(_gemma3_config(md, config))
     if arch == "phi3":
         config.update(_phi3_config(md, config, weights, path))
     return config
+
+
+def _moe_config(arch: str, md: dict, config: dict, key) -> dict:
+    """mlx-lm's MoE arguments from llama.cpp's expert metadata (Mixtral is llama with experts)."""
+    experts, used = key("expert_count"), key("expert_used_count")
+    expert_ffn = md.get(f"{arch}.expert_feed_forward_length", config["intermediate_size"])
+    if arch == "llama":
+        return {
+            "model_type": "mixtral",
+            "num_local_experts": experts,
+            "num_experts_per_tok": used,
+            "intermediate_size": expert_ffn,
+        }
+    out = {"num_experts": experts, "num_experts_per_tok": used, "moe_intermediate_size": expert_ffn}
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe graph renormalizes the top-k weights (norm_w), as HF's config does
+        out.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    if arch == "qwen2moe":
+        out["shared_expert_intermediate_size"] = key("expert_shared_feed_forward_length")
+    return out
 
 
 def _gemma3_config(md: dict, config: dict) -> dict:
@@ -302,6 +349,12 @@ def mlx_lm_name(name: str, arch: str = "llama") -> str | None:
     """GGUF tensor name -> mlx-lm parameter name (None for tensors mlx-lm does not use)."""
     parts = name.split(".")
     names = _GEMMA3_NAMES if arch == "gemma3" else _TENSOR_NAMES
+    names = {**names, **_moe_names("block_sparse_moe" if arch == "llama" else "mlp")}
+    if parts[0] == "blk" and len(parts) > 4 and parts[3].isdigit():  # blk.N.ffn_gate.E.weight
+        raise ConvertError(
+            f"GGUF tensor {name!r}: experts stored one tensor each (llama.cpp before mid-2024); "
+            "convert the model again with a current llama.cpp, which stacks them (ffn_gate_exps)"
+        )
     if parts[0] == "blk" and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}.{'.'.join(parts[3:])}"
     if parts[0] == "token_embd":
