@@ -169,3 +169,26 @@ def test_flash_ablations_and_mmap(wide, tmp_path):
     assert mmap["io_mode"] == "mmap (page cache, default read-ahead)" and "memory" in mmap["note"]
     assert mmap["dram_bytes"] == d["budget"]["budget"] == predictor["extra"]["memory_budget"]
     assert mmap["total_ms"] > 0 and mmap["bytes_per_token"] == mmap["disk_bytes_per_token"]
+
+
+def test_moe_bench_modes_and_floor(tmp_path):
+    """bench_moe on a tiny qwen3_moe bundle: naive reads every routed expert, flash fewer, floor and
+    resident none (the same experts' compute); the expected hit rate comes from the family's profile."""
+    import bench_moe
+
+    from mlxflash.format.moe import MoEBundle
+
+    path = make_synthetic.make_synthetic("tiny-qwen3-moe", tmp_path / "moe", dtype="float32", rank=0, progress=False)
+    js = tmp_path / "moe.json"
+    argv = [str(path), "--memory", "60%", "--modes", "naive,flash,floor,resident", "--tokens", "3", "--warmup", "4"]
+    assert bench_moe.main([*argv, "--json", str(js)]) == 0
+    d = json.loads(js.read_text())
+    modes = {m["mode"]: m for m in d["modes"]}
+    b = d["budget"]
+    fields = sum(f.nbytes for f in MoEBundle.open(path).spec.record.fields)  # what a read of an expert moves
+    routed = b["layers"] * 2 * fields  # tiny-qwen3-moe routes 2 experts per layer
+    assert modes["naive"]["bytes_per_token"] == routed and modes["naive"]["hit_rate"] == 0
+    assert 0 <= modes["flash"]["bytes_per_token"] < routed and 0 < modes["flash"]["slots"] < b["experts"]
+    for name in ("floor", "resident"):
+        assert modes[name]["bytes_per_token"] == 0 and modes[name]["hit_rate"] == 1.0
+    assert 0 < d["trace"]["reuse_within8"] <= 1

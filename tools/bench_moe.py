@@ -23,8 +23,11 @@ Modes:
   flash  the runtime's flash mode (`mlxflash.load(..., mode="flash", memory=...)`): an expert cache
          per layer with the planner's slots and --policy; the cached experts compute while the
          missing ones are read.
-  resident  (not in the default list) every expert in DRAM, outside the budget: no I/O, the floor
-         any streaming mode can reach on this machine (attention, head and the experts' compute).
+  floor  (not in the default list) flash within the budget, but every token routed to experts it
+         already holds (the first k): the same compute, no I/O. What no cache policy or disk can beat
+         on this machine: attention, head and the experts' compute.
+  resident  (not in the default list) every expert in DRAM, outside the budget: no I/O (the floor
+         for a bundle that fits in RAM, and a check of `floor`).
 
 Budget. --memory is a share of the model or a size. A synthetic bundle written with --layers N records
 the real depth; the budget is resolved for the full model and scaled per layer (embeddings and head
@@ -60,7 +63,7 @@ from mlxflash.runtime.routing import PROFILES, generate_routing, profile_for, re
 from mlxflash.runtime.stats import current_rss_bytes, peak_rss_bytes
 from mlxflash.runtime.traces import Trace, trace_layer
 
-MODES = ("naive", "mmap", "flash", "resident")
+MODES = ("naive", "mmap", "flash", "floor", "resident")
 DEFAULT_MODES = ("naive", "mmap", "flash")
 RESULT_TAG = "BENCH-MOE-RESULT "
 STATS_TOKENS = 256  # routing tokens the reuse statistics and policy hit rates are computed over
@@ -165,8 +168,14 @@ class RuntimeDriver:
 
     def __init__(self, mode: str, bundle: MoEBundle, budget: MoEBudget, trace: Trace, args):
         memory = None if mode == "resident" else int(budget.budget)  # resident: the floor, outside the budget
+        self.floor = mode == "floor"  # flash's cache, every routed expert one it already holds
         self.model, _ = mlxflash.load(
-            bundle.path, mode=mode, memory=memory, policy=args.policy, threads=args.threads, verify=False
+            bundle.path,
+            mode="flash" if self.floor else mode,
+            memory=memory,
+            policy=args.policy,
+            threads=args.threads,
+            verify=False,
         )
         self.rt = self.model.flash
         self.modules = self.rt.experts
@@ -174,6 +183,8 @@ class RuntimeDriver:
         self.io_mode = self.rt.reader.io_note
 
     def layer(self, i: int, x: mx.array, ids: np.ndarray) -> mx.array:
+        if self.floor:  # the same number of experts, always the first k: cached after the first token
+            ids = np.arange(len(ids))
         y = self.modules[i](x, mx.array(ids.reshape(1, 1, -1)))
         mx.eval(y)
         return y
