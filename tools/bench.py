@@ -25,9 +25,10 @@ Modes (tools/benchlib/drivers.py; `drivers.register` adds more, e.g. mixture-of-
             its flash->DRAM bytes are what the kernel read (/proc/self/io). Needs root and a cgroup memory
             controller; else skipped with the reason.
   resident  the whole FFN in DRAM (only when the model fits the budget).
-  flash, flash-predictor, flash-window, flash-bundle
+  flash, flash-predictor, flash-window, flash-bundle, flash-serial
             the runtime's flash mode with a TraceSelector replaying --trace: predictor only (no reuse,
-            no bundling, no coalescing); + windowing; + bundling; flash = all of them + coalescing.
+            no bundling, no coalescing); + windowing; + bundling; flash-serial = all of them + coalescing;
+            flash = flash-serial with the cached neurons computed while the missing ones are read.
 
 Budget (tools/benchlib/budget.py): --memory as the runtime planner parses it; a synthetic bundle with
 fewer layers than its real model resolves the budget at the real depth and scales it per layer, and a
@@ -60,7 +61,17 @@ from mlxflash.format.moe import is_moe_bundle  # noqa: E402
 from mlxflash.runtime import costmodel  # noqa: E402
 from mlxflash.runtime.cpu import reexec_with_openblas  # noqa: E402
 
-DEFAULT_MODES = ("naive", "hybrid", "mmap", "flash-predictor", "flash-window", "flash-bundle", "flash", "resident")
+DEFAULT_MODES = (
+    "naive",
+    "hybrid",
+    "mmap",
+    "flash-predictor",
+    "flash-window",
+    "flash-bundle",
+    "flash-serial",
+    "flash",
+    "resident",
+)
 
 
 def run_mode(mode: str, args) -> ModeResult:

@@ -142,18 +142,23 @@ class FFN(nn.Module):
 
     def sparse(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
         """x: (..., d) through the neurons `ids` whose record fields are `w` ({name: (n, count)}), in any order."""
+        return self._output(self.sparse_share(x, w, ids))
+
+    def sparse_share(self, x: mx.array, w: dict[str, mx.array], ids: mx.array) -> mx.array:
+        """The neurons `ids`' share of the output (..., d), without the output bias: shares of disjoint
+        sets of neurons add up to `sparse` of their union."""
         q = self._spec.quantization
         w = cast_floats(w, self.compute_dtype)  # the selected rows only (weights, or group scales)
         h = self._hidden(x, w, self.up_bias[ids] if "up_bias" in self else None)  # (..., n)
         if self._rows:  # one quantized product over the cached rows, in any order
-            return self._output(self._down_rows(h, w))
+            return self._down_rows(h, w)
         if q:  # down columns: codes here, group scales resident (neuron i is in group i // group_size)
             group = ids // q["down"]["group_size"]
             codes = unpack_codes(w["down.weight"], q["down"]["bits"]).astype(h.dtype)  # (n, d)
             down = codes * self.down_scales.T[group].astype(h.dtype) + self.down_biases.T[group].astype(h.dtype)
         else:
             down = w["down.weight"]
-        return self._output(h @ down.astype(h.dtype))
+        return h @ down.astype(h.dtype)
 
 
 class ResidentFFN(FFN):
@@ -201,6 +206,7 @@ class FlashOptions:
     bundled: bool = True  # one read per run of records; False: gate, up, down read separately
     masked_prompts: bool = False  # evaluate prompts with per-token selections instead of dense
     retain: bool = False  # keep neurons past the window while the cache has room (least recently used go first)
+    overlap: bool = True  # compute the cached neurons while the missing ones are read
     parts: list = field(default_factory=list)  # (offset, bytes) of gate/up/down inside a record
 
 
@@ -240,15 +246,23 @@ class FlashFFN(NaiveFFN):
         if self._options.window == 0:  # every token loads all of its neurons afresh
             self._cache.clear()
         missing, start = timed_update(self._cache, selected, self._stats)
+        rows, ids = self._cache.views()  # rows [0, start) are cached already, [start, used) are read now
+        cached = None
+        if len(missing) and start and self._options.overlap:  # the cached rows compute during the reads
+            cached = self.sparse_share(x, {k: v[:start] for k, v in rows.items()}, ids[:start])
+            mx.async_eval(cached)
         o = self._options
         self._cache.fill_from_disk(
             self._reader, self._spec.layers[self._layer].offset, missing, start, o.gap, None if o.bundled else o.parts
         )
-        rows, ids = self._cache.views()
         self._stats.selected += len(selected)
         self._stats.loaded += len(missing)
         self._stats.computed += len(ids)
-        self._pending = self.sparse(x, rows, ids)  # lazy: usually the next layer's selection evaluates it
+        if cached is None:
+            self._pending = self.sparse(x, rows, ids)  # lazy: usually the next layer's selection evaluates it
+        else:
+            fresh = self.sparse_share(x, {k: v[start:] for k, v in rows.items()}, ids[start:])
+            self._pending = self._output(cached + fresh)
         return self._pending
 
     def _prompt(self, x: mx.array) -> mx.array:

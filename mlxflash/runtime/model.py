@@ -131,6 +131,7 @@ def load_model(
     verify: bool = True,
     threads: int | None = None,
     retain: bool = False,
+    overlap: bool = True,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
     max_loss: float | str | None = None,
@@ -141,7 +142,8 @@ def load_model(
     threads default to the disk cost model's choice; gap (records read through between needed ones)
     defaults to 0 (only adjacent records are merged), "auto" takes the cost model's: fewer, larger reads
     at the price of more bytes. retain keeps neurons past the window while the cache has room (no reads,
-    more compute; off by default: on the default model it did not improve answers). max_kv_size bounds a
+    more compute; off by default: on the default model it did not improve answers). overlap computes the
+    cached neurons while the missing ones are read (off: one after the other). max_kv_size bounds a
     conversation's tokens and reserves their KV cache (kv_bits: quantized) inside the budget (runtime/kv.py).
     max_loss ("2%") runs at the smallest budget (within `memory`) whose measured point in the bundle's
     quality table keeps the perplexity increase within it.
@@ -197,6 +199,7 @@ def load_model(
             bundled=bundled,
             masked_prompts=masked_prompts,
             retain=retain,
+            overlap=overlap,
             parts=record_parts_spans(spec),
         )
         plan.io = f"reads: {reader.threads} threads, {reader.io_note}, read-through gap {gap} records"

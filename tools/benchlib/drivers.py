@@ -33,10 +33,11 @@ from .streams import Clock, FieldBuffers, ScatterStreamer, Streamer, evaluated, 
 # mode -> load_model options. window None: the runtime picks it from the budget; gap -1: no coalescing,
 # "auto": the cost model's read-through gap (mlxflash.runtime.costmodel.plan_io) in records.
 FLASH_MODES = {
-    "flash-predictor": {"window": 0, "bundled": False, "gap": -1},
-    "flash-window": {"window": None, "bundled": False, "gap": -1},
-    "flash-bundle": {"window": None, "bundled": True, "gap": -1},
-    "flash": {"window": None, "bundled": True, "gap": "auto"},
+    "flash-predictor": {"window": 0, "bundled": False, "gap": -1, "overlap": False},
+    "flash-window": {"window": None, "bundled": False, "gap": -1, "overlap": False},
+    "flash-bundle": {"window": None, "bundled": True, "gap": -1, "overlap": False},
+    "flash-serial": {"window": None, "bundled": True, "gap": "auto", "overlap": False},
+    "flash": {"window": None, "bundled": True, "gap": "auto"},  # the cached neurons compute during the reads
 }
 BASELINES = ("naive", "hybrid", "mmap", "resident")
 
