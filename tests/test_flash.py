@@ -19,6 +19,7 @@ from mlxflash.arch import opt
 from mlxflash.errors import UsageError
 from mlxflash.format.bundle import Bundle
 from mlxflash.format.convert import read_ffn_layer
+from mlxflash.runtime.ffn import FFN
 from mlxflash.runtime.planner import parse_memory
 from mlxflash.runtime.selectors import GateSelector, OracleSelector
 
@@ -344,6 +345,24 @@ def test_read_options_do_not_change_results(bundles, options):
     assert (
         reads > base.flash.reader.counters.reads if options != {"gap": 3} else reads <= base.flash.reader.counters.reads
     )
+
+
+@pytest.mark.parametrize("name, selector", [("opt", "oracle"), ("llama-q4", "gate"), ("llama-rows", "gate")])
+def test_overlapped_decode_equals_serial(bundles, name, selector, monkeypatch):
+    """overlap=True adds the cached rows' share (computed during the reads) to the fresh rows': same logits."""
+    path = bundles[name]
+    pick = oracle(path) if selector == "oracle" else _gate_selector(path)
+    calls = {"serial": 0, "overlap": 0}  # steps that took the one-product (serial) path
+    sparse = FFN.sparse
+    logits = {}
+    for run, overlap in (("serial", False), ("overlap", True)):
+        monkeypatch.setattr(
+            FFN, "sparse", lambda self, *a, run=run: calls.__setitem__(run, calls[run] + 1) or sparse(self, *a)
+        )
+        model, _ = mlxflash.load(path, mode="flash", selector=pick, window=2, overlap=overlap)
+        logits[run] = decode_logits(model)
+    np.testing.assert_allclose(logits["overlap"], logits["serial"], atol=1e-4, rtol=1e-4)
+    assert calls["overlap"] < calls["serial"]  # some steps really computed the cached rows apart
 
 
 def test_gate_sketch_selector_uses_less_memory(bundles):

@@ -25,10 +25,11 @@ Modes (tools/benchlib/drivers.py; `drivers.register` adds more, e.g. mixture-of-
             its flash->DRAM bytes are what the kernel read (/proc/self/io). Needs root and a cgroup memory
             controller; else skipped with the reason.
   resident  the whole FFN in DRAM (only when the model fits the budget).
-  flash, flash-predictor, flash-window, flash-bundle, flash-serial
+  flash-predictor, flash-window, flash-bundle, flash, flash-overlap
             the runtime's flash mode with a TraceSelector replaying --trace: predictor only (no reuse,
-            no bundling, no coalescing); + windowing; + bundling; flash-serial = all of them + coalescing;
-            flash = flash-serial with the cached neurons computed while the missing ones are read.
+            no bundling, no coalescing); + windowing; + bundling; flash = all of them + coalescing (the
+            runtime's default); flash-overlap = flash with the cached neurons computed while the missing
+            ones are read (load_model(overlap=True)).
 
 Budget (tools/benchlib/budget.py): --memory as the runtime planner parses it; a synthetic bundle with
 fewer layers than its real model resolves the budget at the real depth and scales it per layer, and a
@@ -68,8 +69,8 @@ DEFAULT_MODES = (
     "flash-predictor",
     "flash-window",
     "flash-bundle",
-    "flash-serial",
     "flash",
+    "flash-overlap",
     "resident",
 )
 

@@ -206,7 +206,7 @@ class FlashOptions:
     bundled: bool = True  # one read per run of records; False: gate, up, down read separately
     masked_prompts: bool = False  # evaluate prompts with per-token selections instead of dense
     retain: bool = False  # keep neurons past the window while the cache has room (least recently used go first)
-    overlap: bool = True  # compute the cached neurons while the missing ones are read
+    overlap: bool = False  # compute the cached neurons while the missing ones are read (lost at full depth here)
     parts: list = field(default_factory=list)  # (offset, bytes) of gate/up/down inside a record
 
 

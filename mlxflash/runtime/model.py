@@ -131,7 +131,7 @@ def load_model(
     verify: bool = True,
     threads: int | None = None,
     retain: bool = False,
-    overlap: bool = True,
+    overlap: bool = False,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
     max_loss: float | str | None = None,
@@ -143,7 +143,8 @@ def load_model(
     defaults to 0 (only adjacent records are merged), "auto" takes the cost model's: fewer, larger reads
     at the price of more bytes. retain keeps neurons past the window while the cache has room (no reads,
     more compute; off by default: on the default model it did not improve answers). overlap computes the
-    cached neurons while the missing ones are read (off: one after the other). max_kv_size bounds a
+    cached neurons while the missing ones are read (off by default: on the 2-core CPU the compute slowed the
+    reads and full-depth decode lost 5%; the bench's flash-overlap mode measures it on yours). max_kv_size bounds a
     conversation's tokens and reserves their KV cache (kv_bits: quantized) inside the budget (runtime/kv.py).
     max_loss ("2%") runs at the smallest budget (within `memory`) whose measured point in the bundle's
     quality table keeps the perplexity increase within it.

@@ -36,8 +36,8 @@ FLASH_MODES = {
     "flash-predictor": {"window": 0, "bundled": False, "gap": -1, "overlap": False},
     "flash-window": {"window": None, "bundled": False, "gap": -1, "overlap": False},
     "flash-bundle": {"window": None, "bundled": True, "gap": -1, "overlap": False},
-    "flash-serial": {"window": None, "bundled": True, "gap": "auto", "overlap": False},
-    "flash": {"window": None, "bundled": True, "gap": "auto"},  # the cached neurons compute during the reads
+    "flash": {"window": None, "bundled": True, "gap": "auto", "overlap": False},
+    "flash-overlap": {"window": None, "bundled": True, "gap": "auto", "overlap": True},  # cached rows compute during the reads
 }
 BASELINES = ("naive", "hybrid", "mmap", "resident")
 
