@@ -37,7 +37,7 @@ FLASH_MODES = {
     "flash-window": {"window": None, "bundled": False, "gap": -1, "overlap": False},
     "flash-bundle": {"window": None, "bundled": True, "gap": -1, "overlap": False},
     "flash": {"window": None, "bundled": True, "gap": "auto", "overlap": False},
-    "flash-overlap": {"window": None, "bundled": True, "gap": "auto", "overlap": True},  # cached rows compute during the reads
+    "flash-overlap": {"window": None, "bundled": True, "gap": "auto", "overlap": True},  # cached rows during the reads
 }
 BASELINES = ("naive", "hybrid", "mmap", "resident")
 
