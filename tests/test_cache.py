@@ -31,11 +31,10 @@ selections = st.lists(st.sets(st.integers(0, N - 1), max_size=N), min_size=1, ma
 
 def _apply(cache: NeuronCache, selected: set[int]) -> np.ndarray:
     ids = np.array(sorted(selected), dtype=np.int32)
-    missing, start = cache.update(ids)
-    assert np.all(np.diff(missing) > 0)
-    cache.write_records(
-        start, np.stack([record(int(n)) for n in missing]) if len(missing) else np.zeros((0, R), np.uint8)
-    )
+    missing, rows = cache.update(ids)
+    assert np.all(np.diff(missing) > 0) and len(rows) == len(missing)
+    assert np.array_equal(cache.index[rows], missing) and np.all(rows < cache.used)
+    cache.write_rows(rows, np.stack([record(int(n)) for n in missing]) if len(missing) else np.zeros((0, R), np.uint8))
     return ids
 
 
@@ -51,9 +50,9 @@ def _check(cache: NeuronCache, expected_union: set[int]):
 
 
 @settings(max_examples=150, deadline=None)
-@given(seq=selections, window=st.integers(1, 6))
-def test_rows_hold_exactly_the_window_union(seq, window):
-    cache = NeuronCache(N, N, LAYOUT, window)
+@given(seq=selections, window=st.integers(1, 6), contiguous=st.booleans())
+def test_rows_hold_exactly_the_window_union(seq, window, contiguous):
+    cache = NeuronCache(N, N, LAYOUT, window, contiguous=contiguous)
     pointers = {k: v.ctypes.data for k, v in cache.fields_np.items()}
     matrices = dict(cache.fields)
     for t, selected in enumerate(seq):
@@ -65,9 +64,9 @@ def test_rows_hold_exactly_the_window_union(seq, window):
 
 
 @settings(max_examples=150, deadline=None)
-@given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N))
-def test_full_cache_drops_oldest_tokens_first(seq, window, capacity):
-    cache = NeuronCache(N, capacity, LAYOUT, window)
+@given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N), contiguous=st.booleans())
+def test_full_cache_drops_oldest_tokens_first(seq, window, capacity, contiguous):
+    cache = NeuronCache(N, capacity, LAYOUT, window, contiguous=contiguous)
     for selected in seq:
         ids = _apply(cache, selected)
         kept = set().union(*[set(h.tolist()) for h in cache.history])
@@ -75,6 +74,28 @@ def test_full_cache_drops_oldest_tokens_first(seq, window, capacity):
         assert cache.used <= capacity
         assert set(ids[:capacity].tolist()) <= kept  # the newest token is always whole (up to capacity)
         assert len(cache.history) <= window
+
+
+@settings(max_examples=100, deadline=None)
+@given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N))
+def test_new_neurons_take_the_freed_rows_and_contiguous_ones_the_end(seq, window, capacity):
+    """New neurons fill the rows of neurons that left (a row is moved only for holes left over), so they
+    move no more rows than the contiguous cache, whose new rows are always the last ones."""
+    moved = {True: 0, False: 0}
+    caches = {c: NeuronCache(N, capacity, LAYOUT, window, contiguous=c) for c in moved}
+    for c, cache in caches.items():  # count the rows each moves
+        cache._move_rows = lambda holes, movers, c=c: moved.__setitem__(c, moved[c] + len(holes))
+    for selected in seq:
+        ids = np.array(sorted(selected), dtype=np.int32)
+        cache, moves = caches[False], moved[False]
+        leaving = set(cache.index[: cache.used].tolist()) - set(ids[:capacity].tolist())
+        freed = {int(cache.row_of[n]) for n in leaving}  # window 1: the rows of every neuron not selected now
+        (missing, rows), (missing_c, rows_c) = cache.update(ids), caches[True].update(ids)
+        assert np.array_equal(missing, missing_c)
+        assert np.array_equal(rows_c, np.arange(caches[True].used - len(missing), caches[True].used))
+        if window == 1 and len(missing) == len(freed):  # every new neuron takes a freed row, nothing moves
+            assert set(rows.tolist()) == freed and moved[False] == moves
+    assert moved[False] <= moved[True]
 
 
 @given(ids=st.lists(st.integers(0, 500), unique=True).map(sorted), gap=st.integers(-1, 5))
@@ -89,10 +110,10 @@ def test_runs_cover_ids_and_respect_gap(ids, gap):
 
 
 @settings(max_examples=150, deadline=None)
-@given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N))
-def test_retain_keeps_the_window_and_the_most_recent_others(seq, window, capacity):
+@given(seq=selections, window=st.integers(1, 6), capacity=st.integers(1, N), contiguous=st.booleans())
+def test_retain_keeps_the_window_and_the_most_recent_others(seq, window, capacity, contiguous):
     """With `retain`, rows hold the window's union plus neurons past it, as many as fit, most recent first."""
-    cache = NeuronCache(N, capacity, LAYOUT, window, retain=True)
+    cache = NeuronCache(N, capacity, LAYOUT, window, retain=True, contiguous=contiguous)
     pointers = {k: v.ctypes.data for k, v in cache.fields_np.items()}
     seen: set[int] = set()
     for selected in seq:

@@ -39,11 +39,12 @@ class CacheIndex:
     neuron in a row, `row_of` its inverse, `used` the rows in use. Also replays a cache for masked
     evaluation (`cached_masks`)."""
 
-    def __init__(self, neurons: int, capacity: int, window: int, retain: bool = False):
+    def __init__(self, neurons: int, capacity: int, window: int, retain: bool = False, contiguous: bool = False):
         if capacity < 1 or window < 1:
             raise ValueError(f"cache capacity {capacity} and window {window} must be >= 1")
         self.neurons, self.capacity = neurons, min(capacity, neurons)
         self.window, self.retain = window, retain
+        self.contiguous = contiguous  # new neurons always get consecutive rows at the end (see update)
         self.index = np.full(self.capacity, -1, dtype=np.int32)  # row -> neuron
         self.row_of = np.full(neurons, -1, dtype=np.int32)  # neuron -> row
         self.count = np.zeros(neurons, dtype=np.int32)  # how many window entries hold the neuron
@@ -64,16 +65,18 @@ class CacheIndex:
 
     def bookkeeping(self) -> CacheIndex:
         """A copy of the bookkeeping alone (no data), to replay from the cache's current state."""
-        out = CacheIndex(self.neurons, self.capacity, self.window, self.retain)
+        out = CacheIndex(self.neurons, self.capacity, self.window, self.retain, self.contiguous)
         for name in ("index", "row_of", "count", "last_used"):
             getattr(out, name)[:] = getattr(self, name)
         out.tick, out.used, out.dropped = self.tick, self.used, self.dropped
         out.history = deque(self.history)
         return out
 
-    def update(self, selected: np.ndarray) -> tuple[np.ndarray, int]:
+    def update(self, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slide the window to include `selected` (sorted ids). Returns the missing ids (sorted) and the
-        first of the consecutive rows now reserved for them; the caller fills those rows."""
+        rows now reserved for them, in the same order; the caller fills those rows. New neurons take the
+        rows of neurons that left the window first (no copies), then rows at the end; with `contiguous`
+        they take consecutive rows at the end, the last rows moved into the holes."""
         selected = self._fit(selected)
         self.tick += 1
         self.history.append(selected)
@@ -82,13 +85,10 @@ class CacheIndex:
         while len(self.history) > self.window or self._overflow(selected):
             self._forget(self.history.popleft())
         missing = selected[self.row_of[selected] < 0]
-        self._compact(len(missing))
-        start = self.used
-        rows = np.arange(start, start + len(missing), dtype=np.int32)
+        rows = self._free_rows(len(missing))
         self.index[rows] = missing
         self.row_of[missing] = rows
-        self.used += len(missing)
-        return missing, start
+        return missing, rows
 
     def _fit(self, selected: np.ndarray) -> np.ndarray:
         if len(selected) <= self.capacity:
@@ -107,27 +107,32 @@ class CacheIndex:
     def _forget(self, old: np.ndarray) -> None:
         self.count[old] -= 1
 
-    def _compact(self, incoming: int) -> None:
+    def _free_rows(self, incoming: int) -> np.ndarray:
         """Free the rows of neurons no longer in the window (with `retain`: only as many as `incoming`
-        new rows need, least recently used first): move the last used rows into them."""
+        new rows need, least recently used first) and return `incoming` rows for the new neurons. Rows
+        [0, used) stay exactly the cached ones: holes the new neurons do not fill are filled by moving
+        the last rows into them."""
         stale = np.flatnonzero(self.count[self.index[: self.used]] == 0)
         if self.retain:
             order = np.argsort(self.last_used[self.index[stale]], kind="stable")
-            stale = stale[order[: max(0, self.used + incoming - self.capacity)]]
-        if len(stale) == 0:
-            return
-        live = np.ones(self.used, dtype=bool)
-        live[stale] = False
-        new_used = self.used - len(stale)
-        holes = stale[stale < new_used]
-        movers = np.flatnonzero(live[new_used:]) + new_used
+            stale = np.sort(stale[order[: max(0, self.used + incoming - self.capacity)]])
         self.row_of[self.index[stale]] = -1
-        if len(holes):
-            self._move_rows(holes, movers)
-            self.index[holes] = self.index[movers]
-            self.row_of[self.index[holes]] = holes
-        self.index[new_used : self.used] = -1
+        self.index[stale] = -1
+        new_used = self.used - len(stale) + incoming
+        reuse = 0 if self.contiguous else min(incoming, len(stale))
+        holes = stale[:reuse]  # the new neurons' rows, then any rows at the end
+        rows = np.concatenate([holes, np.arange(self.used - len(stale) + reuse, new_used)]).astype(np.int32)
+        keep_used = new_used - (incoming - reuse)  # rows [0, keep_used) must end up held
+        gaps = stale[reuse:]
+        gaps = gaps[gaps < keep_used]
+        movers = np.flatnonzero(self.index[keep_used : self.used] >= 0) + keep_used
+        if len(gaps):
+            self._move_rows(gaps, movers)
+            self.index[gaps] = self.index[movers]
+            self.row_of[self.index[gaps]] = gaps
+        self.index[keep_used : self.used] = -1
         self.used = new_used
+        return rows
 
     def _move_rows(self, holes: np.ndarray, movers: np.ndarray) -> None:
         """Data caches copy rows `movers` into rows `holes`; the bookkeeping alone has nothing to move."""
@@ -169,8 +174,10 @@ class NeuronCache(CacheIndex):
     so the FFN multiplies with contiguous prefixes and never copies the cache. Records arrive whole
     (row-column bundling: one read per run of neurons) and are split into the field matrices."""
 
-    def __init__(self, neurons: int, capacity: int, layout: RecordLayout, window: int, retain: bool = False):
-        super().__init__(neurons, capacity, window, retain)
+    def __init__(
+        self, neurons: int, capacity: int, layout: RecordLayout, window: int, retain: bool = False, contiguous=False
+    ):
+        super().__init__(neurons, capacity, window, retain, contiguous)
         self.layout, self.record_bytes = layout, layout.nbytes
         self.fields: dict[str, mx.array] = {}  # name -> (capacity, count) MLX matrix
         self.fields_np: dict[str, np.ndarray] = {}  # the same memory, as (capacity, nbytes) uint8
@@ -182,10 +189,6 @@ class NeuronCache(CacheIndex):
     def _move_rows(self, holes: np.ndarray, movers: np.ndarray) -> None:
         for rows in self.fields_np.values():
             rows[holes] = rows[movers]
-
-    def write_records(self, start: int, records: np.ndarray) -> None:
-        """Split whole records (m, R) uint8 into the field matrices at rows start..start+m."""
-        self.write_rows(slice(start, start + len(records)), records)
 
     def write_rows(self, rows: np.ndarray | slice, records: np.ndarray) -> None:
         """Split whole records (m, R) uint8 into the field matrices at rows `rows` (any order)."""
@@ -212,11 +215,11 @@ class NeuronCache(CacheIndex):
         reader: FlashReader,
         block_offset: int,
         missing: np.ndarray,
-        start: int,
+        rows: np.ndarray,
         gap: int = 0,
         parts: list | None = None,
     ) -> None:
-        """Read the missing records and put them in rows start.. . Adjacent records are one read; runs
+        """Read the missing records and put them in `rows` (one per missing id). Adjacent records are one read; runs
         with gaps of at most `gap` records are read through. `parts` [(offset, bytes), ...] turns
         bundling off: each part of each record is then its own read (the ablation). Reads land in a
         staging buffer of STAGING_BYTES, in as many rounds as it takes."""
@@ -225,14 +228,14 @@ class NeuronCache(CacheIndex):
         for lo, hi in _bounded(runs(missing, gap), missing, limit):
             size = int(missing[hi - 1] - missing[lo]) + 1
             if batch and extent + size > limit:
-                self._fill_round(reader, block_offset, missing, start, batch, parts)
+                self._fill_round(reader, block_offset, missing, rows, batch, parts)
                 batch, extent = [], 0
             batch.append((lo, hi))
             extent += size
         if batch:
-            self._fill_round(reader, block_offset, missing, start, batch, parts)
+            self._fill_round(reader, block_offset, missing, rows, batch, parts)
 
-    def _fill_round(self, reader, block_offset: int, missing: np.ndarray, start: int, spans: list, parts) -> None:
+    def _fill_round(self, reader, block_offset: int, missing: np.ndarray, rows: np.ndarray, spans: list, parts) -> None:
         """One round of reads: the runs `spans` (consecutive in `missing`) through the staging buffer."""
         R = self.record_bytes
         sizes = [int(missing[hi - 1] - missing[lo]) + 1 for lo, hi in spans]
@@ -250,7 +253,7 @@ class NeuronCache(CacheIndex):
             base += size
         reader.read(reads)
         records = staging[wanted] if base != len(wanted) else staging[: len(wanted)]
-        self.write_records(start + first_index, records)
+        self.write_rows(_as_slice(rows[first_index : first_index + len(records)]), records)
 
     def views(self) -> tuple[dict[str, mx.array], mx.array]:
         """The fields of the rows in use, {name: (used, count)} (contiguous, no copy), and their neuron ids."""
@@ -285,8 +288,15 @@ def _unbundled(block_offset: int, R: int, first: int, dest: np.ndarray, parts: l
     return out
 
 
-def timed_update(cache: NeuronCache, selected: np.ndarray, stats: RuntimeStats) -> tuple[np.ndarray, int]:
+def timed_update(cache: NeuronCache, selected: np.ndarray, stats: RuntimeStats) -> tuple[np.ndarray, np.ndarray]:
     t0 = time.perf_counter()
-    missing, start = cache.update(selected)
+    missing, rows = cache.update(selected)
     stats.mem_seconds += time.perf_counter() - t0
-    return missing, start
+    return missing, rows
+
+
+def _as_slice(rows: np.ndarray) -> np.ndarray | slice:
+    """Consecutive rows as a slice (a plain copy instead of a scatter)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows

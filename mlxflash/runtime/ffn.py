@@ -227,8 +227,8 @@ class FlashFFN(NaiveFFN):
     ):
         super().__init__(layer, spec, stats, blocks, biases)
         self._reader, self._selector, self._options = reader, selector, options
-        self._cache = NeuronCache(
-            spec.layers[layer].neurons, capacity, spec.record, max(1, options.window), options.retain
+        self._cache = NeuronCache(  # the overlap computes rows [0, start) while [start, used) are read
+            spec.layers[layer].neurons, capacity, spec.record, max(1, options.window), options.retain, options.overlap
         )
         self._pending: mx.array | None = None  # the last output computed from the cache rows
         self.prompt_tail = False  # the next one-token call is a prompt's last token (see begin_prompt)
@@ -245,15 +245,21 @@ class FlashFFN(NaiveFFN):
             mx.eval(self._pending)
         if self._options.window == 0:  # every token loads all of its neurons afresh
             self._cache.clear()
-        missing, start = timed_update(self._cache, selected, self._stats)
-        rows, ids = self._cache.views()  # rows [0, start) are cached already, [start, used) are read now
+        missing, fresh_rows = timed_update(self._cache, selected, self._stats)
+        rows, ids = self._cache.views()
+        start = self._cache.used - len(missing)  # with overlap (contiguous rows): [start, used) are read now
         cached = None
         if len(missing) and start and self._options.overlap:  # the cached rows compute during the reads
             cached = self.sparse_share(x, {k: v[:start] for k, v in rows.items()}, ids[:start])
             mx.async_eval(cached)
         o = self._options
         self._cache.fill_from_disk(
-            self._reader, self._spec.layers[self._layer].offset, missing, start, o.gap, None if o.bundled else o.parts
+            self._reader,
+            self._spec.layers[self._layer].offset,
+            missing,
+            fresh_rows,
+            o.gap,
+            None if o.bundled else o.parts,
         )
         self._stats.selected += len(selected)
         self._stats.loaded += len(missing)
