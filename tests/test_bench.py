@@ -121,6 +121,16 @@ def test_common_attention_figure_replaces_each_modes_own():
     assert runs[2].extra["attention_measured_ms"] == 4 * 40.0 + 90.0
 
 
+def test_floor_takes_the_faster_disk_figure_and_the_larger_of_io_and_compute():
+    r = ModeResult("hybrid", attention_ms=50.0, compute_ms=80.0, predicted_io_ms=900.0)
+    r.extra = {"predicted_io_stored_ms": 400.0}  # the spot check came in slower than the stored curve
+    assert report.floor_ms(r, seq_gbps=2.0) == 50.0 + 400.0
+    r.extra = {"predicted_io_stored_ms": 10.0}  # I/O below the FFN compute: compute bounds it
+    assert report.floor_ms(r, seq_gbps=2.0) == 80.0
+    mmap = ModeResult("mmap", attention_ms=50.0, compute_ms=60.0, transferred_per_token=2e9)
+    assert report.floor_ms(mmap, seq_gbps=2.0) == pytest.approx(50.0 + 2e9 / (2.0 * report.GB) * 1e3)
+
+
 def test_unknown_mode_is_refused(tiny):
     with pytest.raises(SystemExit, match="unknown"):
         bench.main([str(tiny), "--modes", "naive,warp"])

@@ -104,9 +104,11 @@ def add_full_depth(results: list[ModeResult], budget: Budget) -> None:
 def floor_ms(r: ModeResult, seq_gbps: float) -> float:
     """What the mode cannot go below: attention + head, plus the larger of its I/O at the disk curve
     (the cost model's prediction; mmap: its bytes at the sequential figure) and its FFN compute (I/O and
-    compute may overlap)."""
+    compute may overlap). A bound takes the faster disk: the stored curve or the spot check, whichever
+    predicts less (one spot check of large reads on a shared VM can come in at half the probe's figure)."""
     ffn_compute = r.compute_ms - r.attention_ms
-    io = r.predicted_io_ms or (r.transferred_per_token / (seq_gbps * GB) * 1e3 if seq_gbps > 0 else 0.0)
+    predictions = [p for p in (r.predicted_io_ms, r.extra.get("predicted_io_stored_ms")) if p]
+    io = min(predictions) if predictions else r.transferred_per_token / (seq_gbps * GB) * 1e3 if seq_gbps > 0 else 0.0
     return r.attention_ms + max(io, ffn_compute)
 
 
