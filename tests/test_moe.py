@@ -68,6 +68,16 @@ MIXTRAL = {
     "num_local_experts": 8,
     "num_experts_per_tok": 2,
 }
+QWEN2_MOE = {
+    **COMMON,
+    "model_type": "qwen2_moe",
+    "num_hidden_layers": 2,
+    "intermediate_size": 96,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+}
 CONFIGS = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 61, 12, 8, 77, 31]
 
@@ -299,16 +309,7 @@ def test_recorded_routing_is_the_routers_choice(case):
 
 
 def test_qwen2_moe_with_shared_experts(tmp_path):
-    config = {
-        **COMMON,
-        "model_type": "qwen2_moe",
-        "num_hidden_layers": 2,
-        "intermediate_size": 96,
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 48,
-    }
+    config = QWEN2_MOE
     model = reference(config)
     path = convert(hf_checkpoint(tmp_path / "hf", config, model), tmp_path / "bundle", progress=False)
     assert any(".mlp.shared_expert." in k for k in MoEBundle.open(path).resident_weights())

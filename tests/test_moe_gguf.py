@@ -11,7 +11,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from test_gguf import _byte_vocab
-from test_moe import COMMON, MIXTRAL, PROMPT, QWEN3_MOE, _greedy, reference
+from test_moe import MIXTRAL, PROMPT, QWEN2_MOE, QWEN3_MOE, _greedy, reference
+from tiny import llama_gguf_writer, write_gguf_tensors
 
 import mlxflash
 from mlxflash.errors import ConvertError
@@ -19,16 +20,6 @@ from mlxflash.format.convert import convert, open_source
 from mlxflash.format.moe import MoEBundle
 
 T = gguf.GGMLQuantizationType
-QWEN2_MOE = {
-    **COMMON,
-    "model_type": "qwen2_moe",
-    "num_hidden_layers": 2,
-    "intermediate_size": 96,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 48,
-}
 CONFIGS = {
     "qwen3_moe": {**QWEN3_MOE, "mlp_only_layers": []},  # llama.cpp's qwen3moe has experts in every layer
     "qwen2_moe": QWEN2_MOE,
@@ -67,16 +58,7 @@ def gguf_name(name: str) -> str:
 
 def write_moe_gguf(path, config: dict, weights: dict[str, mx.array], expert_type=T.F32) -> None:
     """A GGUF as llama.cpp's converter writes the model: experts stacked (E, rows, cols) in `expert_type`."""
-    arch = GGUF_ARCH[config["model_type"]]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_theta"])
+    w = llama_gguf_writer(path, config, GGUF_ARCH[config["model_type"]])
     w.add_expert_count(config.get("num_experts") or config["num_local_experts"])
     w.add_expert_used_count(config["num_experts_per_tok"])
     if "moe_intermediate_size" in config:
@@ -86,15 +68,7 @@ def write_moe_gguf(path, config: dict, weights: dict[str, mx.array], expert_type
     if "shared_expert_intermediate_size" in config:
         w.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     _byte_vocab(w)
-    for name, value in weights.items():
-        data = np.asarray(value.astype(mx.float32))
-        kind = expert_type if ".switch_mlp." in name else T.F32
-        raw = data if kind == T.F32 else gguf.quants.quantize(data, kind)
-        w.add_tensor(gguf_name(name), raw, raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf_tensors(w, weights, gguf_name, lambda name: expert_type if ".switch_mlp." in name else T.F32)
 
 
 def _model_from(config: dict, weights: dict):

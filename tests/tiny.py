@@ -93,30 +93,37 @@ def make_gguf(path: Path, seed: int = 0) -> Path:
     w.add_eos_token_id(0)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     qtype = gguf.GGMLQuantizationType
+
+    def kind_of(name: str):
+        if name.endswith("norm.weight") or name == "lm_head.weight":
+            return qtype.F32
+        return qtype.Q8_0 if "embed" in name else qtype.Q4_1 if "mlp" in name else qtype.Q4_0
+
+    write_gguf_tensors(w, weights, _gguf_name, kind_of)
+    return path
+
+
+def write_gguf_tensors(w, weights: dict, name_of, kind_of) -> None:
+    """Add each weight as GGUF tensor `name_of(name)` quantized to `kind_of(name)`, then write the file."""
+    import gguf
+
     for name, value in weights.items():
         data = np.asarray(value.astype(mx.float32))
-        if name.endswith("norm.weight") or name == "lm_head.weight":
-            kind = qtype.F32
-        elif "embed" in name:
-            kind = qtype.Q8_0
-        elif "mlp" in name:
-            kind = qtype.Q4_1
-        else:
-            kind = qtype.Q4_0
-        raw = data if kind == qtype.F32 else gguf.quants.quantize(data, kind)
-        w.add_tensor(_gguf_name(name), raw, raw_dtype=kind)
+        kind = kind_of(name)
+        raw = data if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, kind)
+        w.add_tensor(name_of(name), raw, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
 
 
-def llama_gguf_writer(path, config: dict):
-    """A gguf.GGUFWriter for a llama GGUF with `config`'s shape metadata written (tensors and vocab to add)."""
+def llama_gguf_writer(path, config: dict, arch: str = "llama"):
+    """A gguf.GGUFWriter for a llama-like GGUF (`arch`) with `config`'s shape metadata written (tensors and
+    vocab to add)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
