@@ -4,7 +4,9 @@ The cache's matrices (one per record field) are allocated once (aligned, touched
 reallocated. `index[row]` is the neuron in a row, `used` the number of rows in use: rows [0, used)
 hold exactly the union of the last `window` tokens' selections, or with `retain` that union plus the
 most recently used neurons past the window while there is room (they cost no read and only add exact
-terms). Deleting moves the last used rows into the freed ones; inserting appends. Missing records are
+terms). New neurons take the rows of the neurons that left; freed rows they do not fill get the last
+used rows moved in, and what is left over is appended (`contiguous`: always appended, every freed row
+filled by a move; the paper's preallocation, which the overlap needs). Missing records are
 read whole (one read per run of adjacent neurons) into an aligned staging buffer of fixed size and
 split into the field matrices: a copy of the new rows only, so that the FFN multiplies with contiguous
 matrices instead of copying every cached row.
