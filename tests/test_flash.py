@@ -347,6 +347,24 @@ def test_read_options_do_not_change_results(bundles, options):
     )
 
 
+def test_records_read_through_gaps_split_piece_by_piece(bundles, monkeypatch):
+    """The gather that skips read-through records, one record at a time: the same rows, the same logits."""
+    import mlxflash.runtime.cache as cache
+
+    path = bundles["opt"]
+    writes, write_rows = [], cache.NeuronCache.write_rows
+    monkeypatch.setattr(cache.NeuronCache, "write_rows", lambda self, *a: writes.append(1) or write_rows(self, *a))
+    logits, calls = [], []
+    for piece in (cache.SPLIT_TEMP_BYTES, 1):
+        monkeypatch.setattr(cache, "SPLIT_TEMP_BYTES", piece)
+        writes.clear()
+        model, _ = mlxflash.load(path, mode="flash", selector=oracle(path), window=2, gap=3)
+        logits.append(decode_logits(model))
+        calls.append(len(writes))
+    np.testing.assert_array_equal(logits[1], logits[0])
+    assert calls[1] > calls[0]  # the gathers really went in pieces
+
+
 @pytest.mark.parametrize("name, selector", [("opt", "oracle"), ("llama-q4", "gate"), ("llama-rows", "gate")])
 def test_overlapped_decode_equals_serial(bundles, name, selector, monkeypatch):
     """overlap=True adds the cached rows' share (computed during the reads) to the fresh rows': same logits."""

@@ -28,6 +28,7 @@ from .stats import RuntimeStats
 # barrier (the reader's threads woken, every read waited for): at OPT-6.7B's shape a token's ~13 MB of
 # misses a layer took 4 rounds of 4 MiB, and one round of 32 MiB made the FFN part 21% faster.
 STAGING_BYTES = 32 << 20
+SPLIT_TEMP_BYTES = 1 << 20  # records read through gaps are skipped by a gather: its copy, a piece at a time
 
 
 def staging_bytes(neurons: int, record_bytes: int) -> int:
@@ -254,8 +255,13 @@ class NeuronCache(CacheIndex):
             wanted[lo - first_index : hi - first_index] = base + missing[lo:hi] - first
             base += size
         reader.read(reads)
-        records = staging[wanted] if base != len(wanted) else staging[: len(wanted)]
-        self.write_rows(_as_slice(rows[first_index : first_index + len(records)]), records)
+        rows = rows[first_index : first_index + len(wanted)]
+        if base == len(wanted):  # nothing read through: the records are the staging's first rows
+            self.write_rows(_as_slice(rows), staging[: len(wanted)])
+            return
+        step = max(1, SPLIT_TEMP_BYTES // R)  # gathering the wanted records copies them: a bounded piece at a time
+        for lo in range(0, len(wanted), step):
+            self.write_rows(_as_slice(rows[lo : lo + step]), staging[wanted[lo : lo + step]])
 
     def views(self) -> tuple[dict[str, mx.array], mx.array]:
         """The fields of the rows in use, {name: (used, count)} (contiguous, no copy), and their neuron ids."""
