@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlxflash.errors import BundleError
 from mlxflash.format.bundle import RecordLayout
 from mlxflash.format.quant import pack_codes, transpose_packed, unpack_codes
-from mlxflash.runtime.reader import FlashReader, aligned_buffer, scratch_size_for
+from mlxflash.runtime.reader import IOV_MAX, SPLIT_BYTES, FlashReader, _split_buffers, aligned_buffer, scratch_size_for
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float16": np.float16, "float32": np.float32}
 
@@ -82,6 +83,41 @@ def test_reader_returns_file_bytes(tmp_path_factory, runs, direct, record):
         assert reader.counters.bytes_read == sum(len(w) for w in wanted)
     finally:
         reader.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    runs=st.lists(st.tuples(st.integers(0, 60), st.lists(st.integers(1, 80), min_size=1, max_size=60)), max_size=6),
+    direct=st.booleans(),
+)
+def test_scatter_fills_each_runs_buffers_in_file_order(tmp_path_factory, runs, direct):
+    """Runs of page-sized buffers (more than a piece's bytes, or than IOV_MAX buffers) get the file's bytes."""
+    path = tmp_path_factory.getbasetemp() / "scatter.bin"
+    if not path.exists():
+        path.write_bytes(np.random.default_rng(1).integers(0, 255, 400 * 4096, dtype=np.uint8).tobytes())
+    data = path.read_bytes()
+    reader = FlashReader(path, threads=3, direct=direct)
+    try:
+        page = 4096
+        wanted = [(first * page, [aligned_buffer(pages * page)[1] for pages in sizes]) for first, sizes in runs]
+        wanted = [(o, bufs) for o, bufs in wanted if o + sum(b.nbytes for b in bufs) <= len(data)]
+        reader.scatter(wanted)
+        for offset, bufs in wanted:
+            assert b"".join(b.tobytes() for b in bufs) == data[offset : offset + sum(b.nbytes for b in bufs)]
+        assert reader.counters.bytes_read == sum(b.nbytes for _, bufs in wanted for b in bufs)
+        with pytest.raises(BundleError, match="truncated"):
+            reader.scatter([(len(data) - page, [aligned_buffer(page)[1], aligned_buffer(page)[1]])])
+    finally:
+        reader.close()
+
+
+def test_scatter_pieces_stay_within_split_bytes_and_iov_max():
+    small = [np.zeros(100, np.uint8)] * 2500  # buffered reads may take buffers of any size
+    pieces = _split_buffers(1000, small)
+    assert [len(b) for _, b, _ in pieces] == [IOV_MAX, IOV_MAX, 2500 - 2 * IOV_MAX]
+    assert [o for o, _, _ in pieces] == [1000, 1000 + 100 * IOV_MAX, 1000 + 200 * IOV_MAX]
+    pages = [np.zeros(4096, np.uint8)] * 600
+    assert [size for _, _, size in _split_buffers(0, pages)] == [SPLIT_BYTES, SPLIT_BYTES, 88 * 4096]
 
 
 def test_scratch_is_two_records_and_their_pages_within_16_to_64_kib():

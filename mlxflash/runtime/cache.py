@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..format.bundle import RecordLayout, mx_dtype
-from .reader import FlashReader, aligned_buffer
+from .reader import DIRECT_ALIGN, FlashReader, aligned_buffer
 from .stats import RuntimeStats
 
 # Where reads land before the split into field matrices; counted in the plan. Each round through it is a
@@ -188,6 +188,7 @@ class NeuronCache(CacheIndex):
             flat, flat_np = aligned_buffer(self.capacity * f.nbytes)
             self.fields[f.name] = flat.view(mx_dtype(f.dtype)).reshape(self.capacity, f.count)
             self.fields_np[f.name] = flat_np.reshape(self.capacity, f.nbytes)
+        self.pieces = record_pieces(layout)  # None: records go through the staging buffer
 
     def _move_rows(self, holes: np.ndarray, movers: np.ndarray) -> None:
         for rows in self.fields_np.values():
@@ -225,7 +226,11 @@ class NeuronCache(CacheIndex):
         """Read the missing records and put them in `rows` (one per missing id). Adjacent records are one read; runs
         with gaps of at most `gap` records are read through. `parts` [(offset, bytes), ...] turns
         bundling off: each part of each record is then its own read (the ablation). Reads land in a
-        staging buffer of STAGING_BYTES, in as many rounds as it takes."""
+        staging buffer of STAGING_BYTES, in as many rounds as it takes, unless the record's fields are
+        whole pages: then each field lands in its row directly (no staging, no split, one round)."""
+        if self.pieces is not None and parts is None:
+            reader.scatter(self._in_place_runs(block_offset, missing, rows, gap))
+            return
         limit = max(1, staging_bytes(self.neurons, self.record_bytes) // self.record_bytes)  # records per round
         batch, extent = [], 0
         for lo, hi in _bounded(runs(missing, gap), missing, limit):
@@ -237,6 +242,25 @@ class NeuronCache(CacheIndex):
             extent += size
         if batch:
             self._fill_round(reader, block_offset, missing, rows, batch, parts)
+
+    def _in_place_runs(self, block_offset: int, missing: np.ndarray, rows: np.ndarray, gap: int) -> list:
+        """(offset, buffers) per run of records: each missing record's fields are views of its rows,
+        padding and records read through go to a discard buffer."""
+        R = self.record_bytes
+        discard = _discard(max(n for _, n in self.pieces))
+        skip = [discard[:n] for _, n in self.pieces]
+        out = []
+        for lo, hi in runs(missing, gap):
+            first, bufs, k = int(missing[lo]), [], lo
+            for neuron in range(first, int(missing[hi - 1]) + 1):
+                if missing[k] == neuron:
+                    row = int(rows[k])
+                    bufs += [self.fields_np[name][row] if name else discard[:n] for name, n in self.pieces]
+                    k += 1
+                else:
+                    bufs += skip
+            out.append((block_offset + first * R, bufs))
+        return out
 
     def _fill_round(self, reader, block_offset: int, missing: np.ndarray, rows: np.ndarray, spans: list, parts) -> None:
         """One round of reads: the runs `spans` (consecutive in `missing`) through the staging buffer."""
@@ -266,6 +290,30 @@ class NeuronCache(CacheIndex):
     def views(self) -> tuple[dict[str, mx.array], mx.array]:
         """The fields of the rows in use, {name: (used, count)} (contiguous, no copy), and their neuron ids."""
         return {name: m[: self.used] for name, m in self.fields.items()}, mx.array(self.index[: self.used])
+
+
+def record_pieces(layout: RecordLayout) -> list[tuple[str | None, int]] | None:
+    """The record in file order as (field name, bytes), None for padding, when every piece is a whole
+    number of DIRECT_ALIGN bytes (float records of wide models): reads can then land in the cache's
+    field rows, which are as aligned. Else None."""
+    pieces, pos = [], 0
+    for f in sorted(layout.fields, key=lambda f: f.offset):
+        if f.offset > pos:
+            pieces.append((None, f.offset - pos))
+        pieces.append((f.name, f.nbytes))
+        pos = f.offset + f.nbytes
+    if layout.nbytes > pos:
+        pieces.append((None, layout.nbytes - pos))
+    return pieces if all(n % DIRECT_ALIGN == 0 for _, n in pieces) else None
+
+
+_DISCARD: list = []  # one aligned buffer for bytes read and not kept, shared by every cache
+
+
+def _discard(nbytes: int) -> np.ndarray:
+    if not _DISCARD or _DISCARD[0][1].nbytes < nbytes:
+        _DISCARD[:] = [aligned_buffer(nbytes)]
+    return _DISCARD[0][1]
 
 
 def runs(ids: np.ndarray, gap: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ from ..errors import BundleError
 DIRECT_ALIGN = 4096  # O_DIRECT needs offset, length and buffer aligned to the logical block size
 F_NOCACHE = 48  # macOS fcntl
 SPLIT_BYTES = 1 << 20  # large runs are cut into pieces so several threads share them
+IOV_MAX = 1024  # buffers one preadv may take (Linux and macOS)
 SCRATCH_BYTES = 64 << 10  # per thread, at most: unaligned reads go through it in pieces (O_DIRECT's envelope)
 MIN_SCRATCH_BYTES = 16 << 10
 
@@ -114,19 +115,53 @@ class FlashReader:
         if not pieces:
             return
         t0 = time.perf_counter()
-        # One batch per thread, balanced by bytes: each worker loops, no task per read.
-        batches: list[list] = [[] for _ in range(min(self.threads, len(pieces)))]
-        loads = [0] * len(batches)
-        for piece in sorted(pieces, key=lambda p: -p[1].nbytes):
-            i = loads.index(min(loads))
-            batches[i].append(piece)
-            loads[i] += piece[1].nbytes
+        batches = _balanced(pieces, min(self.threads, len(pieces)), lambda p: p[1].nbytes)
         moved = sum(self._pool.map(self._read_batch, batches))
         c = self.counters
         c.seconds += time.perf_counter() - t0
         c.bytes_read += sum(d.nbytes for _, d in runs)
         c.bytes_transferred += moved
         c.reads += len(pieces)
+
+    def scatter(self, runs: list[tuple[int, list[np.ndarray]]]) -> None:
+        """Fill each run's buffers, in order, with the file's bytes from its offset: one preadv per piece
+        of a run (at most SPLIT_BYTES or IOV_MAX buffers), so records land field by field where they are
+        used. With direct I/O every buffer must be aligned and a whole number of DIRECT_ALIGN bytes."""
+        pieces = [p for offset, bufs in runs for p in _split_buffers(offset, bufs)]
+        if not pieces:
+            return
+        t0 = time.perf_counter()
+        batches = _balanced(pieces, min(self.threads, len(pieces)), lambda p: p[2])
+        moved = sum(self._pool.map(self._scatter_batch, batches))
+        c = self.counters
+        c.seconds += time.perf_counter() - t0
+        c.bytes_read += moved
+        c.bytes_transferred += moved
+        c.reads += len(pieces)
+
+    def _scatter_batch(self, batch: list[tuple[int, list[np.ndarray], int]]) -> int:
+        return sum(self._preadv_full(bufs, offset) for offset, bufs, _ in batch)
+
+    def _preadv_full(self, bufs: list[np.ndarray], offset: int) -> int:
+        views = [memoryview(b).cast("B") for b in bufs]
+        done = 0
+        while views:
+            try:
+                got = os.preadv(self.fd, views, offset + done)
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise BundleError(
+                    f"{self.path}: read of {len(views)} buffers at {offset + done} failed ({e.strerror})"
+                ) from e
+            if got == 0:
+                raise BundleError(f"{self.path}: truncated: file ends at {offset + done}, before its records do")
+            done += got
+            while views and got >= views[0].nbytes:  # drop what is full, trim a partly filled buffer
+                got -= views.pop(0).nbytes
+            if got:
+                views[0] = views[0][got:]
+        return done
 
     def _piece_bytes(self, offset: int, dest: np.ndarray) -> int:
         """Aligned reads land in place in large pieces; unaligned ones go through the thread's scratch."""
@@ -198,3 +233,29 @@ def _split(offset: int, dest: np.ndarray, piece: int = SPLIT_BYTES) -> list[tupl
     if n <= piece:
         return [(offset, dest)]
     return [(offset + s, dest[s : s + piece]) for s in range(0, n, piece)]
+
+
+def _balanced(pieces: list, n: int, size) -> list[list]:
+    """One batch per thread, balanced by bytes (largest first): each worker loops, no task per read."""
+    batches: list[list] = [[] for _ in range(n)]
+    loads = [0] * n
+    for piece in sorted(pieces, key=lambda p: -size(p)):
+        i = loads.index(min(loads))
+        batches[i].append(piece)
+        loads[i] += size(piece)
+    return batches
+
+
+def _split_buffers(offset: int, bufs: list[np.ndarray]) -> list[tuple[int, list[np.ndarray], int]]:
+    """A run of buffers -> (offset, buffers, bytes) pieces of at most SPLIT_BYTES (a buffer at least)
+    and IOV_MAX buffers, cut between buffers."""
+    out, piece, start, size = [], [], offset, 0
+    for b in bufs:
+        if piece and (size + b.nbytes > SPLIT_BYTES or len(piece) == IOV_MAX):
+            out.append((start, piece, size))
+            piece, start, size = [], start + size, 0
+        piece.append(b)
+        size += b.nbytes
+    if piece:
+        out.append((start, piece, size))
+    return out
