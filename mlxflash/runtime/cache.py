@@ -7,9 +7,11 @@ most recently used neurons past the window while there is room (they cost no rea
 terms). New neurons take the rows of the neurons that left; freed rows they do not fill get the last
 used rows moved in, and what is left over is appended (`contiguous`: always appended, every freed row
 filled by a move; the paper's preallocation, which the overlap needs). Missing records are
-read whole (one read per run of adjacent neurons) into an aligned staging buffer of fixed size and
-split into the field matrices: a copy of the new rows only, so that the FFN multiplies with contiguous
-matrices instead of copying every cached row.
+read whole (one read per run of adjacent neurons). Where every field is whole pages (float records of
+wide models), the read's buffers are the fields' rows themselves: nothing is copied. Otherwise the
+records land in an aligned staging buffer of fixed size and are split into the field matrices: a copy
+of the new rows only. Either way the FFN multiplies with contiguous matrices and never copies the
+cached rows.
 """
 
 from __future__ import annotations
