@@ -123,11 +123,10 @@ class CacheIndex:
             stale = np.sort(stale[order[: max(0, self.used + incoming - self.capacity)]])
         self.row_of[self.index[stale]] = -1
         self.index[stale] = -1
-        new_used = self.used - len(stale) + incoming
         reuse = 0 if self.contiguous else min(incoming, len(stale))
-        holes = stale[:reuse]  # the new neurons' rows, then any rows at the end
-        rows = np.concatenate([holes, np.arange(self.used - len(stale) + reuse, new_used)]).astype(np.int32)
-        keep_used = new_used - (incoming - reuse)  # rows [0, keep_used) must end up held
+        keep_used = self.used - len(stale) + reuse  # rows [0, keep_used) must end up held
+        new_used = keep_used + incoming - reuse
+        rows = np.concatenate([stale[:reuse], np.arange(keep_used, new_used)]).astype(np.int32)  # holes, then the end
         gaps = stale[reuse:]
         gaps = gaps[gaps < keep_used]
         movers = np.flatnonzero(self.index[keep_used : self.used] >= 0) + keep_used

@@ -140,28 +140,7 @@ class FlashReader:
         c.reads += len(pieces)
 
     def _scatter_batch(self, batch: list[tuple[int, list[np.ndarray], int]]) -> int:
-        return sum(self._preadv_full(bufs, offset) for offset, bufs, _ in batch)
-
-    def _preadv_full(self, bufs: list[np.ndarray], offset: int) -> int:
-        views = [memoryview(b).cast("B") for b in bufs]
-        done = 0
-        while views:
-            try:
-                got = os.preadv(self.fd, views, offset + done)
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise BundleError(
-                    f"{self.path}: read of {len(views)} buffers at {offset + done} failed ({e.strerror})"
-                ) from e
-            if got == 0:
-                raise BundleError(f"{self.path}: truncated: file ends at {offset + done}, before its records do")
-            done += got
-            while views and got >= views[0].nbytes:  # drop what is full, trim a partly filled buffer
-                got -= views.pop(0).nbytes
-            if got:
-                views[0] = views[0][got:]
-        return done
+        return sum(self._pread_full(bufs, offset) for offset, bufs, _ in batch)
 
     def _piece_bytes(self, offset: int, dest: np.ndarray) -> int:
         """Aligned reads land in place in large pieces; unaligned ones go through the thread's scratch."""
@@ -210,12 +189,14 @@ class FlashReader:
             self._local.scratch = buf
         return buf
 
-    def _pread_full(self, dest: np.ndarray, offset: int, allow_eof: bool = False) -> int:
-        done, n = 0, dest.nbytes
-        mv = memoryview(dest).cast("B")
-        while done < n:
+    def _pread_full(self, dest: np.ndarray | list[np.ndarray], offset: int, allow_eof: bool = False) -> int:
+        """Fill `dest` (a buffer, or buffers in file order) from `offset`, through short reads; at the
+        file's end return what was read (`allow_eof`) or refuse the file as truncated."""
+        views = [memoryview(b).cast("B") for b in (dest if isinstance(dest, list) else [dest])]
+        done, n = 0, sum(v.nbytes for v in views)
+        while views:
             try:
-                got = os.preadv(self.fd, [mv[done:]], offset + done)
+                got = os.preadv(self.fd, views, offset + done)
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
@@ -225,6 +206,10 @@ class FlashReader:
                     return done
                 raise BundleError(f"{self.path}: truncated: file ends before byte {offset + n}")
             done += got
+            while views and got >= views[0].nbytes:  # drop what is full, trim a partly filled buffer
+                got -= views.pop(0).nbytes
+            if got:
+                views[0] = views[0][got:]
         return done
 
 
